@@ -1,0 +1,211 @@
+"""The run configuration: one frozen tree of typed sections.
+
+Defaults are the standard ImageNet ResNet-50 recipe (He et al. 2015 with the Goyal et al. 2017
+large-batch rules); a YAML recipe in this folder changes only what differs. Each section checks its
+own values when built, so an impossible setting fails before any work starts; the loader adds the
+file or override the value came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class InvalidValue(ValueError):
+    """A field holds a value of the right type that is not allowed; the loader names where it came from."""
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        super().__init__(f"{key}={value!r}: {reason}")
+        self.key, self.value, self.reason = key, value, reason
+
+
+def _require(ok: bool, key: str, value: Any, reason: str) -> None:
+    if not ok:
+        raise InvalidValue(key, value, reason)
+
+
+ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    """Which ResNet to build."""
+
+    name: ModelName = "resnet50"
+    """Depth of the network: resnet18/34 use BasicBlock, resnet50/101/152 Bottleneck."""
+    num_classes: int = 1000
+    """Outputs of the final FC layer; must equal the number of classes in the data set."""
+    small_input: bool = False
+    """3x3/1 stem conv and no max-pool, for 32-64 px images."""
+    zero_init_residual: bool = True
+    """Start each block's last BatchNorm at zero so every residual block begins as the identity."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes >= 2, "num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are batched and augmented."""
+
+    dataset: Literal["folder", "digits"] = "folder"
+    """folder: an ImageNet-layout tree (train/<class>/*, val/<class>/*) at `root`;
+    digits: the built-in handwritten digits set, rendered into `root` at first use."""
+    root: str = "data/imagenet"
+    """Folder of the data set."""
+    batch_size: int = 256
+    """Images per worker per step; the global batch is this x world size x gradient accumulation."""
+    num_workers: int = 8
+    """Decoding processes per training worker."""
+    image_size: int = 224
+    """Side of the square crops the model sees, in training and in validation."""
+    min_crop_area: float = 0.08
+    """Smallest fraction of the image area a training random-resized crop keeps (Inception-style)."""
+    random_flip: bool = True
+    """Flip training images horizontally with probability 1/2."""
+    val_crop_ratio: float = 0.875
+    """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops image_size."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.root), "root", self.root, "must name a folder")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _require(0 < self.min_crop_area <= 1, "min_crop_area", self.min_crop_area, "must be in (0, 1]")
+        _require(0 < self.val_crop_ratio <= 1, "val_crop_ratio", self.val_crop_ratio, "must be in (0, 1]")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimConfig:
+    """Loss and optimiser: SGD with momentum, no weight decay on BatchNorm and bias parameters."""
+
+    lr: float = 0.1
+    """Peak learning rate; with `scale_lr` it is the rate for a global batch of 256 images."""
+    scale_lr: bool = True
+    """Linear scaling rule (Goyal et al. 2017): peak lr = lr x global_batch_size / 256."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Use Nesterov momentum."""
+    weight_decay: float = 1e-4
+    """L2 penalty on conv and FC weights (never on BatchNorm or bias parameters)."""
+    label_smoothing: float = 0.1
+    """Mass spread uniformly over all classes in the cross-entropy target."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        _require(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleConfig:
+    """Length of training and the per-iteration learning-rate schedule."""
+
+    epochs: int = 90
+    """Passes over the training set."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up from 0 to the peak lr over this many epochs (counted in iterations)."""
+    decay: Literal["cosine", "step"] = "cosine"
+    """After warm-up: cosine to zero at the last iteration, or step decay at `step_milestones`."""
+    step_milestones: tuple[int, ...] = (30, 60, 80)
+    """Epochs at which step decay multiplies the lr by `step_gamma` (checked and used only with decay: step)."""
+    step_gamma: float = 0.1
+    """Factor applied at each step milestone."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
+                 f"must be in [0, epochs={self.epochs}]")
+        if self.decay == "step":
+            milestones = list(self.step_milestones)
+            _require(milestones == sorted(set(milestones)) and all(0 < m < self.epochs for m in milestones),
+                     "step_milestones", self.step_milestones,
+                     f"must be strictly increasing epochs between 1 and epochs-1={self.epochs - 1}")
+        _require(0 < self.step_gamma < 1, "step_gamma", self.step_gamma, "must be in (0, 1)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrecisionConfig:
+    """Numeric format and memory layout of the training step."""
+
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast type: auto is bf16 on GPUs and fp32 on CPUs (bf16 on a CPU without native support
+    runs many times slower); fp16 adds a gradient scaler."""
+    channels_last: bool = True
+    """Keep the model and its inputs in NHWC memory format (what tensor cores and oneDNN prefer)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributedConfig:
+    """How workers share the step."""
+
+    strategy: Literal["none"] = "none"
+    """none: one process. (DDP and DeepSpeed ZeRO arrive with the training engine.)"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointConfig:
+    """Where and how often the run is saved. Not yet used by this version: checkpoints arrive with the engine."""
+
+    url: str | None = None
+    """Folder (path or fsspec URL) of the run's checkpoints; None: <run dir>/checkpoints."""
+    interval_steps: int = 0
+    """Save every this many steps; 0: at the end of each epoch."""
+    keep_last: int = 3
+    """How many of the newest checkpoints to keep (the best one is kept as well)."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_steps >= 0, "interval_steps", self.interval_steps, "must be >= 0")
+        _require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrackingConfig:
+    """What the run reports and to whom."""
+
+    log_interval_steps: int = 50
+    """Report loss, lr and images/s every this many steps (the only points where the loop syncs with the device)."""
+    uri: str | None = None
+    """MLflow tracking URI; None: a local store in the run directory. Not yet used by this version."""
+    experiment: str = "resnet"
+    """MLflow experiment name. Not yet used by this version."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    """How the job is started and where its outputs go."""
+
+    launcher: Literal["local"] = "local"
+    """local: one process on this machine. (Ray and torchrun arrive with orchestration.)"""
+    runs_dir: str = "runs"
+    """Folder holding one sub-folder per run (resolved config, checkpoints, logs)."""
+    name: str | None = None
+    """Run name, the sub-folder under runs_dir; None: <model>-<UTC time>."""
+
+    def __post_init__(self) -> None:
+        _require(self.name is None or (self.name and "/" not in self.name), "name", self.name,
+                 "must be a non-empty folder name without '/'")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    """Everything one training run needs, section by section."""
+
+    seed: int = 0
+    """Seed of every random number generator (weights, shuffling, augmentation)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

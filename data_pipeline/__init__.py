@@ -1,0 +1,63 @@
+"""Data loading: `build_loaders(cfg.data, ...)` turns a data config into train and val loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from configs.schema import DataConfig
+from data_pipeline.index import DatasetError, scan_split
+
+
+__all__ = ["DatasetError", "Loader", "Loaders", "build_loaders", "prepare_dataset"]
+
+
+class Loader(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
+    """Batches of (NCHW float images, int64 labels); `len` is the number of batches per epoch."""
+
+
+@dataclass(frozen=True, slots=True)
+class Loaders:
+    """What the trainer needs from the data side."""
+
+    train: Loader
+    """Training batches, shuffled, full batches only."""
+    val: Loader
+    """Every validation image exactly once, in order."""
+    classes: tuple[str, ...]
+    """Class names; label i is classes[i]."""
+    num_train_images: int
+    """Images in the training split."""
+    num_val_images: int
+    """Images in the validation split."""
+
+
+def prepare_dataset(cfg: DataConfig) -> Path:
+    """The data set's root folder, rendering the built-in digits set there first if the config asks for it."""
+    if cfg.dataset == "digits":
+        from data_pipeline.digits import render_digits
+
+        return render_digits(cfg.root)
+    return Path(cfg.root)
+
+
+def build_loaders(cfg: DataConfig, *, seed: int, pin_memory: bool = False) -> Loaders:
+    """Index the train and val splits and build the loaders over them."""
+    from data_pipeline.torch_loader import build_torch_loader
+
+    root = prepare_dataset(cfg)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={cfg.root!r}: no such folder (expected train/ and val/ under it)")
+    train_index = scan_split(root, "train")
+    val_index = scan_split(root, "val", classes=train_index.classes)
+    return Loaders(
+        train=build_torch_loader(train_index, cfg, train=True, seed=seed, pin_memory=pin_memory),
+        val=build_torch_loader(val_index, cfg, train=False, seed=seed, pin_memory=pin_memory),
+        classes=train_index.classes,
+        num_train_images=len(train_index.samples),
+        num_val_images=len(val_index.samples),
+    )

@@ -1,0 +1,1 @@
+"""Launchers and user commands; nothing imports this package."""

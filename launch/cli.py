@@ -1,0 +1,55 @@
+"""`python -m launch <command>`: train, and data preparation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from configs.loader import ConfigError, dump_config, load_config
+
+DEFAULT_CONFIG = "quickstart"
+"""The recipe `train` runs when no --config is given: the embedded defaults a new user starts from."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    parser = argparse.ArgumentParser(prog="python -m launch", description="Train ResNet image classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a config and overrides")
+    train.add_argument("--config", default=DEFAULT_CONFIG,
+                       help=f"YAML recipe: a path, or the name of one in configs/ (default: {DEFAULT_CONFIG})")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="dotted overrides applied after the file, e.g. optim.lr=0.4 data.batch_size=128")
+
+    data = commands.add_parser("data", help="prepare data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    digits = data_commands.add_parser("digits", help="render the built-in digits set as an ImageNet-layout JPEG tree")
+    digits.add_argument("--out", required=True, help="folder to create (left as it is if already complete)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m launch` and the `resnet-train` console script."""
+    from data_pipeline import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            cfg = load_config(args.config, args.overrides)
+            if args.print_config:
+                print(dump_config(cfg), end="")
+                return 0
+            from launch.local import run_local
+
+            run_local(cfg)
+        elif args.command == "data":
+            from launch.data import render_digits_command
+
+            render_digits_command(args.out)
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,59 @@
+"""The training engine. `run(cfg, ctx, sinks)` is the one entry point every launcher calls."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from configs.loader import ConfigError
+from configs.schema import CheckpointConfig, RunConfig, TrackingConfig
+from data_pipeline import build_loaders
+from trainer.dist import DistContext
+from trainer.loop import TrainResult, TrainState, train
+from trainer.metrics import MetricSink
+from trainer.models import build_model
+from trainer.optim import build_optimizer, peak_learning_rate
+from trainer.precision import resolve_precision
+
+__all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
+
+
+def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainResult:
+    """Train and evaluate the configured model on this process's share of the job."""
+    _warn_unused(cfg)
+    torch.manual_seed(cfg.seed)
+    loaders = build_loaders(cfg.data, seed=cfg.seed, pin_memory=ctx.device.type == "cuda")
+    if len(loaders.classes) != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at data.root={cfg.data.root!r} "
+                         f"has {len(loaders.classes)} classes")
+    model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=cfg.precision.channels_last)
+    precision = resolve_precision(cfg.precision, ctx.device)
+    peak_lr = peak_learning_rate(cfg.optim, global_batch_size=cfg.data.batch_size * ctx.world_size)
+    state = TrainState(
+        model=model,
+        optimizer=build_optimizer(model, cfg.optim, peak_lr),
+        scaler=precision.grad_scaler(),
+        precision=precision,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+    )
+    return train(state, loaders, cfg, peak_lr=peak_lr, sinks=sinks)
+
+
+def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    """Move the model to its device, then (if asked) to NHWC: the format oneDNN and tensor cores run fastest."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _warn_unused(cfg: RunConfig) -> None:
+    """Checkpointing and MLflow tracking are validated but not built yet: say so if the config sets them."""
+    if cfg.checkpoint != CheckpointConfig():
+        warnings.warn("checkpoint.* is set but this version writes no checkpoints yet; the setting has no effect",
+                      stacklevel=2)
+    default = TrackingConfig()
+    if (cfg.tracking.uri, cfg.tracking.experiment) != (default.uri, default.experiment):
+        warnings.warn("tracking.uri/experiment are set but this version has no MLflow tracking yet; "
+                      "they have no effect", stacklevel=2)

@@ -1,0 +1,41 @@
+"""Where measured numbers go: the `MetricSink` protocol and the console sink."""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol, TextIO
+
+
+class MetricSink(Protocol):
+    """Receives metrics keyed by name at a global optimiser step."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record `metrics` as measured at `step`."""
+        ...
+
+
+class ConsoleSink:
+    """Prints one line per report: training progress with images/s and ETA, or evaluation results."""
+
+    def __init__(self, stream: TextIO = sys.stdout) -> None:
+        self.stream = stream
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Print `metrics` at `step` as one line."""
+        parts = [f"step {step}"]
+        for name, value in metrics.items():
+            if name == "eta_s":
+                parts.append(f"eta {_format_duration(value)}")
+            elif name.endswith(("top1", "top5")):
+                parts.append(f"{name} {100 * value:.2f}%")
+            elif name in ("epoch", "images_per_s"):
+                parts.append(f"{name} {value:.1f}")
+            else:
+                parts.append(f"{name} {value:.4g}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

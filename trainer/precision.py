@@ -1,0 +1,50 @@
+"""The numeric format of the training step, chosen once: an autocast context and a gradient scaler."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from configs.schema import PrecisionConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """How the step computes: `autocast()` around the forward pass, `scaler` around backward and step."""
+
+    name: Literal["bf16", "fp16", "fp32"]
+    """The resolved type ("auto" never appears here)."""
+    device: torch.device
+    """The device autocast applies to."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast compute type."""
+        return DTYPES[self.name]
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """Mixed-precision context for the forward pass and loss (a no-op for fp32)."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+
+def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
+    """Turn "auto" into bf16 on GPUs and fp32 elsewhere.
+
+    CPUs without native bf16 (AVX-512 BF16 or AMX) emulate it, which makes autocast many times slower
+    than plain fp32; asking for bf16 explicitly on such a CPU still gets it.
+    """
+    name = cfg.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return Precision(name=name, device=device)
