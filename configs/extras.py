@@ -1,0 +1,33 @@
+"""The heavy optional dependencies, each installed by an extra of the package and imported only where used."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+DISTRIBUTION = "resnet-train"
+"""This package's name on the package index, for the install hint."""
+EXTRAS: dict[str, str] = {
+    "nvidia.dali": "dali",
+    "deepspeed": "deepspeed",
+    "ray": "ray",
+    "mlflow": "mlflow",
+}
+"""Top-level module of each optional dependency -> the extra that installs it."""
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message gives the command that installs it."""
+
+
+def import_extra(module: str) -> ModuleType:
+    """Import `module` (or one of its submodules) from an optional dependency, or say which extra to install."""
+    extra = next((extra for top, extra in EXTRAS.items() if module == top or module.startswith(f"{top}.")), None)
+    if extra is None:
+        raise KeyError(f"{module!r} is not an optional dependency; known: {', '.join(EXTRAS)}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingExtraError(
+            f"{module} is not installed ({error}); install the extra {extra!r}: pip install '{DISTRIBUTION}[{extra}]'"
+        ) from error

@@ -1,0 +1,139 @@
+"""Loading recipes and overrides: good input resolves, bad input names the key, the value and the source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from configs import CONFIG_DIR, ConfigError, RunConfig, dump_config, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_the_schema_defaults() -> None:
+    assert load_config() == RunConfig()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_loads_by_name(recipe: str) -> None:
+    assert isinstance(load_config(recipe), RunConfig)
+
+
+def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lr: 0.2\ndata:\n  batch_size: 64\n")
+    cfg = load_config(path, ["optim.lr=0.4", "schedule.step_milestones=[10, 20]", "schedule.decay=step"])
+    assert cfg.optim.lr == 0.4
+    assert cfg.data.batch_size == 64
+    assert cfg.schedule.step_milestones == (10, 20)
+
+
+def test_yaml_exponent_without_dot_reads_as_float(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "optim:\n  weight_decay: 5e-5\n"), ["optim.lr=1e-2"])
+    assert cfg.optim.weight_decay == 5e-5 and cfg.optim.lr == 0.01
+
+
+def test_int_is_accepted_where_a_float_is_expected() -> None:
+    cfg = load_config(None, ["optim.lr=1"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_unknown_key_in_file_names_key_file_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message and "'optim.lrr'" in message and "did you mean 'optim.lr'" in message
+
+
+def test_unknown_section_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'optimizer.lr'"):
+        load_config(None, ["optimizer.lr=0.1"])
+
+
+def test_wrong_type_names_key_value_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path}: data.batch_size='lots' must be int, not str" == str(error.value)
+
+
+def test_bool_is_not_taken_for_an_int_nor_an_int_for_a_bool() -> None:
+    with pytest.raises(ConfigError, match=r"data.batch_size=True must be int"):
+        load_config(None, ["data.batch_size=true"])
+    with pytest.raises(ConfigError, match=r"data.random_flip=1 must be bool"):
+        load_config(None, ["data.random_flip=1"])
+
+
+def test_impossible_value_names_key_value_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}: data.batch_size=0 must be >= 1"
+
+
+def test_choice_outside_a_literal_lists_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"model.name='resnet19' is not one of 'resnet18', .*'resnet152'"):
+        load_config(None, ["model.name=resnet19"])
+
+
+def test_cross_field_check_reports_the_value_that_broke_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "schedule:\n  epochs: 10\n")
+    with pytest.raises(ConfigError, match=r"command line: schedule.warmup_epochs=20.0 must be in \[0, epochs=10\]"):
+        load_config(path, ["schedule.warmup_epochs=20"])
+
+
+def test_step_milestones_are_checked_only_for_step_decay() -> None:
+    assert load_config(None, ["schedule.epochs=10"]).schedule.decay == "cosine"
+    with pytest.raises(ConfigError, match=r"default: schedule.step_milestones=\(30, 60, 80\)"):
+        load_config(None, ["schedule.epochs=10", "schedule.decay=step"])
+
+
+def test_a_section_cannot_be_set_as_a_value() -> None:
+    with pytest.raises(ConfigError, match=r"'optim' is a section"):
+        load_config(None, ["optim=3"])
+
+
+def test_an_empty_section_in_yaml_means_its_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "checkpoint:\n# nothing here yet\n")) == RunConfig()
+
+
+def test_malformed_override_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"override 'optim.lr' must look like section.key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "- optim\n- data\n")
+    with pytest.raises(ConfigError, match=rf"{path}: the top level must be a mapping"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file_names_it_and_the_shipped_recipes() -> None:
+    with pytest.raises(FileNotFoundError, match=r"'no_such_recipe' not found \(shipped recipes: .*quickstart"):
+        load_config("no_such_recipe")
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_dump_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = load_config("quickstart", ["optim.nesterov=true", "schedule.decay=step", "schedule.epochs=90",
+                                     "tracking.uri=http://127.0.0.1:5000"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
