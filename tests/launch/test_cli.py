@@ -1,0 +1,48 @@
+"""`python -m launch`: printing the resolved config, clean errors, the digits command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configs import load_config
+from launch.cli import main
+
+
+def test_print_config_shows_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "optim.lr=0.4", "data.batch_size=128"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    assert load_config(path) == load_config("quickstart", ["optim.lr=0.4", "data.batch_size=128"])
+    assert "lr: 0.4" in printed and "batch_size: 128" in printed
+
+
+def test_bad_override_exits_2_and_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "optim.lrr=0.4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)")
+
+
+def test_bad_value_in_a_config_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("schedule:\n  epochs: -1\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert f"error: {path}: schedule.epochs=-1 must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", "does/not/exist.yaml"]) == 2
+    assert "config file 'does/not/exist.yaml' not found" in capsys.readouterr().err
+
+
+def test_bad_input_writes_no_run_folder(tmp_path: Path) -> None:
+    assert main(["train", f"launch.runs_dir={tmp_path}", "data.batch_size=-3"]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_digits_command_renders_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "digits", "--out", str(tmp_path / "digits")]) == 0
+    assert "digits: 10 classes, 1442 train and 355 val images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [str(d) for d in range(10)]

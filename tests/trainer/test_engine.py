@@ -1,0 +1,102 @@
+"""The single-process engine on real data: exact evaluation, step accounting, reports and config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from configs import ConfigError, load_config
+from configs.schema import DataConfig, PrecisionConfig
+from data_pipeline import build_loaders
+from trainer.dist import single_process_context
+from trainer.evaluate import evaluate
+from trainer.models import resnet18
+from trainer.precision import resolve_precision
+
+
+class RecordingSink:
+    """Keeps every report, for assertions."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.reports.append((step, metrics))
+
+
+def val_loader(root: Path, batch_size: int):  # noqa: ANN201
+    cfg = DataConfig(root=str(root), batch_size=batch_size, num_workers=0, image_size=32)
+    return build_loaders(cfg, seed=0).val
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, small_input=True, zero_init_residual=False)
+    # A few train-mode passes give the BatchNorm layers non-trivial statistics.
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+def test_evaluation_counts_every_image_once_whatever_the_batch_size(digits_root: Path,
+                                                                    model: torch.nn.Module) -> None:
+    precision = resolve_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu"))
+    results = [evaluate(model, val_loader(digits_root, bs), precision, channels_last=False) for bs in (7, 100, 355)]
+    assert all(r["val_images"] == 355 for r in results)
+    assert results[0]["val_top1"] == results[1]["val_top1"] == results[2]["val_top1"]
+    assert results[0]["val_top5"] == results[1]["val_top5"] == results[2]["val_top5"]
+    assert results[0]["val_loss"] == pytest.approx(results[2]["val_loss"], rel=1e-5)
+
+    # Against a direct computation over the whole split in one tensor.
+    images, labels = next(iter(val_loader(digits_root, 355)))
+    with torch.no_grad():
+        logits = model(images)
+    assert results[0]["val_top1"] == (logits.argmax(1) == labels).sum().item() / 355
+    assert results[0]["val_top5"] == (logits.topk(5).indices == labels[:, None]).any(1).sum().item() / 355
+
+
+def quick_overrides(root: Path, runs: Path) -> list[str]:
+    return [f"data.root={root}", "data.dataset=folder", "data.image_size=16", "data.batch_size=64",
+            "data.num_workers=0", "tracking.log_interval_steps=10", f"launch.runs_dir={runs}"]
+
+
+def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", quick_overrides(digits_root, tmp_path))
+    sink = RecordingSink()
+    result = trainer.run(cfg, single_process_context(), [sink])
+
+    assert result.steps == 1442 // 64 == 22
+    assert result.train_images == 22 * 64 and result.images_per_s > 0
+    train_reports = [(step, m) for step, m in sink.reports if "loss" in m]
+    assert [step for step, _ in train_reports] == [10, 20, 22]
+    assert all({"loss", "lr", "images_per_s", "eta_s", "epoch"} <= set(m) for _, m in train_reports)
+    assert train_reports[-1][1]["eta_s"] == 0 and train_reports[-1][1]["epoch"] == 1.0
+    step, val = sink.reports[-1]
+    assert step == 22 and val == {"epoch": 1, **result.val} and result.val["val_images"] == 355
+    # One epoch at 16 px learns something; chance is 10%.
+    assert result.val["val_top1"] > 0.15
+
+
+def test_num_classes_must_match_the_data(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "model.num_classes=1000"])
+    with pytest.raises(ConfigError, match=r"model.num_classes=1000 but the data set at data.root=.* has 10 classes"):
+        trainer.run(cfg, single_process_context(), [])
+
+
+def test_a_batch_larger_than_the_training_set_is_an_error(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.batch_size=5000"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=5000 is larger than the training set \(1442 images\)"):
+        trainer.run(cfg, single_process_context(), [])
+
+
+def test_settings_without_effect_are_warned_about(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "checkpoint.keep_last=5",
+                                     "data.batch_size=5000"])
+    with pytest.warns(UserWarning, match=r"checkpoint.\* is set but this version writes no checkpoints"), \
+            pytest.raises(ConfigError):
+        trainer.run(cfg, single_process_context(), [])

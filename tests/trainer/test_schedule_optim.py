@@ -1,0 +1,90 @@
+"""Learning-rate schedule, linear scaling, weight-decay groups and precision choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from configs.schema import OptimConfig, PrecisionConfig, ScheduleConfig
+from trainer.models import resnet18
+from trainer.optim import build_optimizer, parameter_groups, peak_learning_rate
+from trainer.precision import resolve_precision
+from trainer.schedule import learning_rate
+
+STEPS_PER_EPOCH = 100
+
+
+def lrs(cfg: ScheduleConfig, peak_lr: float = 1.0) -> list[float]:
+    return [learning_rate(step, peak_lr=peak_lr, steps_per_epoch=STEPS_PER_EPOCH, cfg=cfg)
+            for step in range(cfg.epochs * STEPS_PER_EPOCH)]
+
+
+def test_warmup_is_linear_per_iteration_and_reaches_the_peak() -> None:
+    schedule = lrs(ScheduleConfig(epochs=10, warmup_epochs=2))
+    assert schedule[:3] == pytest.approx([1 / 200, 2 / 200, 3 / 200])
+    assert schedule[199] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(schedule[:199], schedule[1:200], strict=True))
+
+
+def test_cosine_decays_monotonically_towards_zero() -> None:
+    schedule = lrs(ScheduleConfig(epochs=10, warmup_epochs=1))
+    after = schedule[100:]
+    assert after[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+    assert after[len(after) // 2] == pytest.approx(0.5, abs=0.01)
+    assert after[-1] < 1e-3
+
+
+def test_step_decay_divides_at_each_milestone() -> None:
+    schedule = lrs(ScheduleConfig(epochs=9, warmup_epochs=0, decay="step", step_milestones=(3, 6), step_gamma=0.1))
+    assert schedule[299] == pytest.approx(1.0)
+    assert schedule[300] == pytest.approx(0.1)
+    assert schedule[599] == pytest.approx(0.1)
+    assert schedule[600] == pytest.approx(0.01)
+
+
+def test_linear_scaling_rule() -> None:
+    assert peak_learning_rate(OptimConfig(lr=0.1), global_batch_size=1024) == pytest.approx(0.4)
+    assert peak_learning_rate(OptimConfig(lr=0.1, scale_lr=False), global_batch_size=1024) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_batchnorm_and_bias() -> None:
+    model = resnet18(num_classes=10)
+    decay, no_decay = parameter_groups(model, weight_decay=1e-4)
+    batchnorm = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert batchnorm | {id(model.fc.bias)} == no_decay_ids
+    assert {id(p) for p in decay["params"]} == {id(m.weight) for m in model.modules()
+                                                 if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_optimizer_is_sgd_with_the_configured_momentum() -> None:
+    optimizer = build_optimizer(resnet18(), OptimConfig(momentum=0.8, nesterov=True), peak_lr=0.3)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.3, 0.3]
+    assert all(g["momentum"] == 0.8 and g["nesterov"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize(("dtype", "device", "expected"), [
+    ("auto", "cpu", "fp32"), ("auto", "cuda", "bf16"), ("bf16", "cpu", "bf16"), ("fp16", "cuda", "fp16"),
+    ("fp32", "cuda", "fp32"),
+])
+def test_precision_resolution(dtype: str, device: str, expected: str) -> None:
+    precision = resolve_precision(PrecisionConfig(dtype=dtype), torch.device(device))  # type: ignore[arg-type]
+    assert precision.name == expected
+
+
+def test_only_fp16_enables_the_gradient_scaler() -> None:
+    for name, enabled in (("fp16", True), ("bf16", False), ("fp32", False)):
+        precision = resolve_precision(PrecisionConfig(dtype=name), torch.device("cpu"))  # type: ignore[arg-type]
+        assert precision.grad_scaler().is_enabled() is enabled
+
+
+def test_bf16_autocast_computes_convolutions_in_bf16() -> None:
+    precision = resolve_precision(PrecisionConfig(dtype="bf16"), torch.device("cpu"))
+    conv = nn.Conv2d(3, 4, 3)
+    with precision.autocast():
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
