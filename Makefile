@@ -6,13 +6,17 @@ PY := $(VENV)/bin/python
 # constraints.txt pins the torch/torchvision pair known to work here without letting pip pull a newer torch.
 PIP_INSTALL := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: quickstart test clean
+.PHONY: quickstart test lint clean
 
 quickstart: $(VENV)/.installed
 	$(PY) -m launch train --config quickstart
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

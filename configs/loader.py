@@ -93,17 +93,18 @@ def _flatten(document: Mapping[str, Any], source: str, prefix: str = "") -> dict
 def _build(cls: type, prefix: str, values: dict[str, tuple[Any, str]]) -> Any:
     """Instantiate dataclass `cls` from the flat `values` under `prefix`, reporting every problem with its source."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    mine = [key for key in values if key.startswith(prefix)]
-    for key in mine:
-        head = key[len(prefix):].split(".")[0]
-        if head not in fields:
-            known = [f"{prefix}{name}" for name in fields]
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in [key for key in values if key.startswith(prefix)]:
+        head, _, rest = key[len(prefix):].partition(".")
+        if head not in names:
+            known = [f"{prefix}{name}" for name in names]
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
             raise ConfigError(f"{values[key][1]}: unknown key {key!r}{hint}")
+        if rest and not dataclasses.is_dataclass(hints[head]):
+            raise ConfigError(f"{values[key][1]}: unknown key {key!r} ({prefix}{head!s} is a value, not a section)")
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name in names:
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hints[name]):
             if values.get(key, (None,))[0] is not None:  # an empty YAML section reads as None

@@ -190,7 +190,7 @@ class LaunchConfig:
     """Run name, the sub-folder under runs_dir; None: <model>-<UTC time>."""
 
     def __post_init__(self) -> None:
-        _require(self.name is None or (self.name and "/" not in self.name), "name", self.name,
+        _require(self.name is None or (self.name != "" and "/" not in self.name), "name", self.name,
                  "must be a non-empty folder name without '/'")
 
 

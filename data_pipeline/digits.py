@@ -70,5 +70,5 @@ def render_digits(out: str | Path) -> Path:
 def _to_image(scan: np.ndarray) -> Image.Image:
     """An 8x8 scan with ink values 0..16 as a dark-on-light RGB image of IMAGE_SIZE px."""
     gray = (255 - scan * (255 / 16)).round().astype(np.uint8)
-    return Image.fromarray(gray).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")
+    return Image.fromarray(gray).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC).convert("RGB")
 

@@ -94,6 +94,13 @@ def test_step_milestones_are_checked_only_for_step_decay() -> None:
         load_config(None, ["schedule.epochs=10", "schedule.decay=step"])
 
 
+def test_a_value_cannot_be_used_as_a_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lr:\n    peak: 0.1\n")
+    expected = rf"{path}: unknown key 'optim.lr.peak' \(optim.lr is a value, not a section\)"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
 def test_a_section_cannot_be_set_as_a_value() -> None:
     with pytest.raises(ConfigError, match=r"'optim' is a section"):
         load_config(None, ["optim=3"])

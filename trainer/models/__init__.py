@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from configs.schema import ModelConfig
 from trainer.models.flops import macs_per_image, training_flops_per_image
-from trainer.models.resnet import MODELS, BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from trainer.models.resnet import (
+    MODELS, BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152,
+)
 
 __all__ = [
     "MODELS", "BasicBlock", "Bottleneck", "ResNet", "build_model", "macs_per_image", "training_flops_per_image",

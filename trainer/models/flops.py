@@ -20,7 +20,7 @@ def macs_per_image(model: nn.Module, image_size: int) -> int:
         if isinstance(module, nn.Conv2d):
             kernel_h, kernel_w = module.kernel_size
             macs += output.numel() * (module.in_channels // module.groups) * kernel_h * kernel_w
-        else:
+        elif isinstance(module, nn.Linear):
             macs += output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
