@@ -29,6 +29,9 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     if len(loaders.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at data.root={cfg.data.root!r} "
                          f"has {len(loaders.classes)} classes")
+    if len(loaders.train) == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                          f"({loaders.num_train_images} images): no full batch to train on")
     model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=cfg.precision.channels_last)
     precision = resolve_precision(cfg.precision, ctx.device)
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=cfg.data.batch_size * ctx.world_size)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from configs.loader import ConfigError
 from configs.schema import RunConfig
 from data_pipeline import Loaders
 from trainer.evaluate import evaluate
@@ -69,9 +68,6 @@ def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float
     device = state.precision.device
     memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     steps_per_epoch = len(loaders.train)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
-                         f"({loaders.num_train_images} images): no full batch to train on")
     total_steps = cfg.schedule.epochs * steps_per_epoch
     step, train_time_s, train_images = 0, 0.0, 0
     val: dict[str, float] = {}
