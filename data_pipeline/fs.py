@@ -1,0 +1,98 @@
+"""Storage behind URLs: local paths, `file://`, `memory://` (tests) and object stores, through fsspec.
+
+The one module that imports fsspec. `s3://` and `gs://` need their fsspec packages (s3fs, gcsfs).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Protocol
+
+
+class Storage(Protocol):
+    """A folder of files addressed by '/'-separated paths relative to its root."""
+
+    url: str
+    """Where the root lives, as given."""
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file; readers see either nothing or all of `data`."""
+        ...
+
+    def read_bytes(self, path: str) -> bytes:
+        """Read a whole file."""
+        ...
+
+    def size(self, path: str) -> int | None:
+        """Size of a file in bytes, or None if it does not exist."""
+        ...
+
+    def list(self, path: str = "") -> list[str]:
+        """Names of the entries directly under `path` (empty if it does not exist)."""
+        ...
+
+    def remove(self, path: str) -> None:
+        """Delete a file or a folder with everything under it; nothing happens if it is absent."""
+        ...
+
+
+class FsspecStorage:
+    """`Storage` over any fsspec file system."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def _full(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Local files: write a temporary file beside the target and rename it (atomic on one file system;
+        fsspec's own local transactions put the temporary in /tmp, which may be another disk). Object
+        stores: one PUT, which is atomic per object."""
+        full = self._full(path)
+        self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+        if not self.is_local:
+            self.fs.pipe_file(full, data)
+            return
+        temporary = f"{full}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, full)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def read_bytes(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(self._full(path)))
+
+    def size(self, path: str) -> int | None:
+        try:
+            return int(self.fs.size(self._full(path)))
+        except FileNotFoundError:
+            return None
+
+    def list(self, path: str = "") -> list[str]:
+        full = self._full(path)
+        if not self.fs.exists(full):
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(full, detail=False))
+
+    def remove(self, path: str) -> None:
+        full = self._full(path)
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=True)
+
+
+def open_storage(url: str) -> Storage:
+    """The storage for `url`: a path, `file://...`, `memory://...`, `s3://...`, `gs://...`."""
+    return FsspecStorage(url)
