@@ -149,12 +149,12 @@ class DistributedConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
-    """Where and how often the run is saved. Not yet used by this version: checkpoints arrive with the engine."""
+    """Where and how often the run is saved; a run always resumes from the newest complete checkpoint there."""
 
     url: str | None = None
-    """Folder (path or fsspec URL) of the run's checkpoints; None: <run dir>/checkpoints."""
+    """Folder (path or fsspec URL) of the run's checkpoints; the launcher sets None to <run dir>/checkpoints."""
     interval_steps: int = 0
-    """Save every this many steps; 0: at the end of each epoch."""
+    """Also save every this many steps within an epoch; 0: only at the end of each epoch."""
     keep_last: int = 3
     """How many of the newest checkpoints to keep (the best one is kept as well)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,8 +16,16 @@ from data_pipeline.index import DatasetError, scan_split
 __all__ = ["DatasetError", "Loader", "Loaders", "build_loaders", "prepare_dataset"]
 
 
-class Loader(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
-    """Batches of (NCHW float images, int64 labels); `len` is the number of batches per epoch."""
+class Loader(Protocol):
+    """One rank's batches of (NCHW float images, int64 labels), addressable by epoch and batch."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        ...
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of epoch `epoch` from batch `start_batch` on; the same for the same arguments."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +33,9 @@ class Loaders:
     """What the trainer needs from the data side."""
 
     train: Loader
-    """Training batches, shuffled, full batches only."""
+    """Training batches, shuffled per epoch, full batches only."""
     val: Loader
-    """Every validation image exactly once, in order."""
+    """This rank's share of the validation images, each image on exactly one rank, once."""
     classes: tuple[str, ...]
     """Class names; label i is classes[i]."""
     num_train_images: int
@@ -45,8 +53,9 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     return Path(cfg.root)
 
 
-def build_loaders(cfg: DataConfig, *, seed: int, pin_memory: bool = False) -> Loaders:
-    """Index the train and val splits and build the loaders over them."""
+def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
+                  pin_memory: bool = False) -> Loaders:
+    """Index the train and val splits and build rank `rank`'s loaders over them."""
     from data_pipeline.torch_loader import build_torch_loader
 
     root = prepare_dataset(cfg)
@@ -55,8 +64,10 @@ def build_loaders(cfg: DataConfig, *, seed: int, pin_memory: bool = False) -> Lo
     train_index = scan_split(root, "train")
     val_index = scan_split(root, "val", classes=train_index.classes)
     return Loaders(
-        train=build_torch_loader(train_index, cfg, train=True, seed=seed, pin_memory=pin_memory),
-        val=build_torch_loader(val_index, cfg, train=False, seed=seed, pin_memory=pin_memory),
+        train=build_torch_loader(train_index, cfg, train=True, seed=seed, rank=rank, world_size=world_size,
+                                 pin_memory=pin_memory),
+        val=build_torch_loader(val_index, cfg, train=False, seed=seed, rank=rank, world_size=world_size,
+                               pin_memory=pin_memory),
         classes=train_index.classes,
         num_train_images=len(train_index.samples),
         num_val_images=len(val_index.samples),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -9,13 +11,15 @@ from torchvision.transforms import v2
 
 from configs.schema import DataConfig
 from data_pipeline.index import SplitIndex
+from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included) and transformed."""
+    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included) and transformed
+    with the random generator seeded by the sample's own key."""
 
     def __init__(self, index: SplitIndex, transform: v2.Transform) -> None:
         self.index = index
@@ -24,9 +28,12 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.index.samples[i]
-        with Image.open(self.index.root / path) as image:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        index, seed = key
+        path, label = self.index.samples[index]
+        with Image.open(self.index.root / path) as image, torch.random.fork_rng(devices=[]):
+            # fork_rng: the caller's generator is untouched (it is the trainer's when num_workers=0).
+            torch.manual_seed(seed)
             return self.transform(image.convert("RGB")), label
 
 
@@ -51,18 +58,34 @@ def _to_normalized_tensor() -> list[v2.Transform]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader over `index`: shuffled, seeded and dropping the last partial batch when training;
-    in order and keeping every image exactly once otherwise."""
+class TorchLoader:
+    """A DataLoader over a `ShardedBatchSampler`: `iter_epoch(epoch, start_batch)` yields one rank's batches."""
+
+    def __init__(self, dataloader: DataLoader, sampler: ShardedBatchSampler) -> None:
+        self.dataloader = dataloader
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of epoch `epoch`, from batch `start_batch` on (the sampler is read when iteration starts)."""
+        self.sampler.set_position(epoch, start_batch)
+        return iter(self.dataloader)
+
+
+def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, rank: int, world_size: int,
+                       pin_memory: bool) -> TorchLoader:
+    """This rank's loader over `index`: shuffled per epoch and dropping the last partial global batch when
+    training; in order and keeping every image exactly once otherwise (see `sharding`)."""
     dataset = ImageDataset(index, train_transform(cfg) if train else val_transform(cfg))
-    return DataLoader(
+    sampler = ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, train=train)
+    dataloader = DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        drop_last=train,
+        batch_sampler=sampler,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=pin_memory,
-        # Fixes both the shuffling order and the per-worker augmentation seeds.
-        generator=torch.Generator().manual_seed(seed),
     )
+    return TorchLoader(dataloader, sampler)

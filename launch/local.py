@@ -8,6 +8,7 @@ from typing import Any
 import trainer
 from configs.schema import RunConfig
 from launch.rundir import create_run_dir, write_summary
+from trainer.checkpoint import CheckpointManager
 from trainer.dist import single_process_context
 from trainer.metrics import ConsoleSink
 
@@ -30,6 +31,7 @@ def run_local(cfg: RunConfig) -> dict[str, Any]:
         "train_time_s": result.train_time_s,
         "wall_time_s": time.perf_counter() - start,
         **result.val,
+        "checkpoint_url": f"{cfg.checkpoint.url}/{CheckpointManager.folder(result.steps)}",
         "run_dir": str(run_dir),
     }
     write_summary(run_dir, summary)
@@ -48,6 +50,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("val top-1", f"{100 * summary['val_top1']:.2f}% of {int(summary['val_images'])} images"),
         ("val top-5", f"{100 * summary['val_top5']:.2f}%"),
         ("val loss", f"{summary['val_loss']:.4f}"),
+        ("checkpoint", summary["checkpoint_url"]),
         ("run folder", summary["run_dir"]),
     ]
     width = max(len(label) for label, _ in rows)

@@ -15,7 +15,8 @@ from configs.schema import RunConfig
 def create_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """Make `<runs_dir>/<name>/` and save the resolved config there as config.yaml.
 
-    Returns the config with launch.name filled in (a generated name when none was set) and the folder,
+    Returns the config with launch.name and checkpoint.url filled in (a generated name when none was set;
+    checkpoints under the run folder when no URL was set) and the folder,
     as an absolute path so that workers in other working directories find it.
     """
     name = cfg.launch.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -23,7 +24,9 @@ def create_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     if run_dir.exists():
         raise FileExistsError(f"run folder {run_dir} already exists: choose another launch.name")
     run_dir.mkdir(parents=True)
-    cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, name=name))
+    checkpoint_url = cfg.checkpoint.url or str(run_dir / "checkpoints")
+    cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, name=name),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, url=checkpoint_url))
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return cfg, run_dir
 

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from configs.loader import ConfigError
-from configs.schema import CheckpointConfig, RunConfig, TrackingConfig
+from configs.schema import RunConfig, TrackingConfig
 from data_pipeline import build_loaders
+from data_pipeline.fs import open_storage
+from trainer.checkpoint import CheckpointManager
 from trainer.dist import DistContext
 from trainer.loop import TrainResult, TrainState, train
 from trainer.metrics import MetricSink
@@ -25,7 +27,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     """Train and evaluate the configured model on this process's share of the job."""
     _warn_unused(cfg)
     torch.manual_seed(cfg.seed)
-    loaders = build_loaders(cfg.data, seed=cfg.seed, pin_memory=ctx.device.type == "cuda")
+    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                            pin_memory=ctx.device.type == "cuda")
     if len(loaders.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at data.root={cfg.data.root!r} "
                          f"has {len(loaders.classes)} classes")
@@ -34,7 +37,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
                           f"({loaders.num_train_images} images): no full batch to train on")
     model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=cfg.precision.channels_last)
     precision = resolve_precision(cfg.precision, ctx.device)
-    peak_lr = peak_learning_rate(cfg.optim, global_batch_size=cfg.data.batch_size * ctx.world_size)
+    global_batch_size = cfg.data.batch_size * ctx.world_size
+    peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     state = TrainState(
         model=model,
         optimizer=build_optimizer(model, cfg.optim, peak_lr),
@@ -42,7 +46,11 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
         precision=precision,
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
     )
-    return train(state, loaders, cfg, peak_lr=peak_lr, sinks=sinks)
+    checkpoints = None
+    if cfg.checkpoint.url is not None:
+        checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
+    return train(state, loaders, cfg, peak_lr=peak_lr, global_batch_size=global_batch_size, rank=ctx.rank,
+                 sinks=sinks, checkpoints=checkpoints)
 
 
 def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
@@ -52,10 +60,7 @@ def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_
 
 
 def _warn_unused(cfg: RunConfig) -> None:
-    """Checkpointing and MLflow tracking are validated but not built yet: say so if the config sets them."""
-    if cfg.checkpoint != CheckpointConfig():
-        warnings.warn("checkpoint.* is set but this version writes no checkpoints yet; the setting has no effect",
-                      stacklevel=2)
+    """MLflow tracking is validated but not built yet: say so if the config sets it."""
     default = TrackingConfig()
     if (cfg.tracking.uri, cfg.tracking.experiment) != (default.uri, default.experiment):
         warnings.warn("tracking.uri/experiment are set but this version has no MLflow tracking yet; "

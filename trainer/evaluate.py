@@ -18,7 +18,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels
     model.eval()
     # Sums on the device; one host sync at the end.
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
-    for images, labels in loader:
+    for images, labels in loader.iter_epoch(0):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():

@@ -11,10 +11,12 @@ from torch import nn
 
 from configs.schema import RunConfig
 from data_pipeline import Loaders
+from trainer.checkpoint import CheckpointManager
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricSink
 from trainer.precision import Precision
 from trainer.schedule import learning_rate
+from trainer.state import check_compatible, checkpoint_meta, load_state, save_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +35,13 @@ class TrainResult:
     """What a finished run measured."""
 
     epochs: int
-    """Epochs trained."""
+    """Epochs of the schedule."""
+    start_step: int
+    """The step this process resumed from (0 for a fresh run)."""
     steps: int
-    """Optimiser steps taken."""
+    """The global step reached: optimiser steps since the run began, across restarts."""
     train_images: int
-    """Images the model trained on (epochs x steps per epoch x batch)."""
+    """Images this process trained on (since start_step)."""
     train_time_s: float
     """Wall time of the training steps, evaluation excluded."""
     val: dict[str, float]
@@ -45,8 +49,8 @@ class TrainResult:
 
     @property
     def images_per_s(self) -> float:
-        """Measured training throughput of this process."""
-        return self.train_images / self.train_time_s
+        """Measured training throughput of this process (0 when it resumed an already finished run)."""
+        return self.train_images / self.train_time_s if self.train_time_s else 0.0
 
 
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,21 +66,38 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) ->
     return loss.detach()
 
 
-def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float,
-          sinks: Sequence[MetricSink]) -> TrainResult:
-    """Run cfg.schedule.epochs epochs: per step set the lr, step, maybe report; per epoch evaluate and report."""
+def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float, global_batch_size: int,
+          rank: int, sinks: Sequence[MetricSink], checkpoints: CheckpointManager | None) -> TrainResult:
+    """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe checkpoint,
+    maybe report; per epoch: evaluate, report, checkpoint."""
     device = state.precision.device
     memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     steps_per_epoch = len(loaders.train)
     total_steps = cfg.schedule.epochs * steps_per_epoch
-    step, train_time_s, train_images = 0, 0.0, 0
     val: dict[str, float] = {}
-    for epoch in range(cfg.schedule.epochs):
+    start_step = 0
+    if checkpoints is not None and (manifest := checkpoints.latest()) is not None:
+        check_compatible(manifest, checkpoints.url(manifest.step), cfg, global_batch_size=global_batch_size)
+        load_state(checkpoints, manifest, model=state.model, optimizer=state.optimizer, scaler=state.scaler,
+                   rank=rank)
+        start_step = manifest.step
+        val = {k: v for k, v in manifest.meta.items() if k.startswith("val_")}
+
+    def save(step: int, val: dict[str, float] | None) -> None:
+        if checkpoints is None:
+            return
+        meta = checkpoint_meta(cfg, step=step, steps_per_epoch=steps_per_epoch,
+                               global_batch_size=global_batch_size, val=val)
+        save_state(checkpoints, step, model=state.model, optimizer=state.optimizer, scaler=state.scaler,
+                   rank=rank, meta=meta)
+
+    step, train_time_s, train_images = start_step, 0.0, 0
+    for epoch in range(start_step // steps_per_epoch, cfg.schedule.epochs):
         state.model.train()
         loss_sum = torch.zeros((), device=device)
         interval_steps, interval_images = 0, 0
         interval_start = time.perf_counter()
-        for images, labels in loaders.train:
+        for images, labels in loaders.train.iter_epoch(epoch, start_batch=step - epoch * steps_per_epoch):
             lr = learning_rate(step, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
@@ -86,7 +107,10 @@ def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float
             step += 1
             interval_steps += 1
             interval_images += labels.shape[0]
-            if step % cfg.tracking.log_interval_steps == 0 or step % steps_per_epoch == 0:
+            end_of_epoch = step % steps_per_epoch == 0
+            if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and not end_of_epoch:
+                save(step, None)  # epoch ends save after evaluation, below
+            if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch:
                 mean_loss = (loss_sum / interval_steps).item()  # the host sync that makes the timing honest
                 elapsed_s = time.perf_counter() - interval_start
                 train_time_s += elapsed_s
@@ -97,7 +121,7 @@ def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float
                         "loss": mean_loss,
                         "lr": lr,
                         "images_per_s": interval_images / elapsed_s,
-                        "eta_s": (total_steps - step) * train_time_s / step,
+                        "eta_s": (total_steps - step) * train_time_s / (step - start_step),
                     }, step)
                 loss_sum.zero_()
                 interval_steps, interval_images = 0, 0
@@ -105,5 +129,6 @@ def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float
         val = evaluate(state.model, loaders.val, state.precision, channels_last=cfg.precision.channels_last)
         for sink in sinks:
             sink.log({"epoch": epoch + 1, **val}, step)
-    return TrainResult(epochs=cfg.schedule.epochs, steps=step, train_images=train_images,
+        save(step, val)
+    return TrainResult(epochs=cfg.schedule.epochs, start_step=start_step, steps=step, train_images=train_images,
                        train_time_s=train_time_s, val=val)

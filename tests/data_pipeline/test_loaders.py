@@ -23,7 +23,7 @@ def digits_config(root: Path, **changes: object) -> DataConfig:
 
 def test_val_loader_yields_every_image_exactly_once(digits_root: Path) -> None:
     loaders = build_loaders(digits_config(digits_root, batch_size=100), seed=0)
-    labels = torch.cat([labels for _, labels in loaders.val])
+    labels = torch.cat([labels for _, labels in loaders.val.iter_epoch(0)])
     assert labels.numel() == loaders.num_val_images == 355  # 3 full batches and a partial one of 55
     expected = Counter(label for _, label in scan_split(digits_root, "val").samples)
     assert Counter(labels.tolist()) == expected
@@ -32,22 +32,33 @@ def test_val_loader_yields_every_image_exactly_once(digits_root: Path) -> None:
 def test_train_loader_gives_full_normalized_batches(digits_root: Path) -> None:
     loaders = build_loaders(digits_config(digits_root), seed=0)
     assert len(loaders.train) == 1442 // 64
-    images, labels = next(iter(loaders.train))
+    images, labels = next(loaders.train.iter_epoch(0))
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     assert images.mean().abs() < 2 and images.std() > 0.3
 
 
-def test_train_order_and_augmentation_follow_the_seed(digits_root: Path) -> None:
-    # With worker processes the loader's generator seeds each worker, so augmentation is reproducible too.
-    def first_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(iter(build_loaders(digits_config(digits_root, num_workers=1), seed=seed).train))
+def first_batch(root: Path, *, seed: int = 0, epoch: int = 0, num_workers: int = 0) -> tuple[torch.Tensor, ...]:
+    loaders = build_loaders(digits_config(root, num_workers=num_workers), seed=seed)
+    return tuple(next(loaders.train.iter_epoch(epoch)))
 
-    images_a, labels_a = first_batch(0)
-    images_b, labels_b = first_batch(0)
-    images_c, labels_c = first_batch(1)
-    assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
-    assert not torch.equal(labels_a, labels_c)
+
+def test_train_batches_follow_the_seed_and_epoch_not_the_worker_count(digits_root: Path) -> None:
+    images, labels = first_batch(digits_root)
+    # Augmentation is seeded per sample, so decoding in 2 worker processes gives the same tensors.
+    images_workers, labels_workers = first_batch(digits_root, num_workers=2)
+    assert torch.equal(labels, labels_workers) and torch.equal(images, images_workers)
+    assert not torch.equal(labels, first_batch(digits_root, seed=1)[1])
+    assert not torch.equal(labels, first_batch(digits_root, epoch=1)[1])
+
+
+def test_an_epoch_can_start_at_any_batch(digits_root: Path) -> None:
+    loader = build_loaders(digits_config(digits_root, batch_size=200), seed=0).train
+    whole = list(loader.iter_epoch(3))
+    tail = list(loader.iter_epoch(3, start_batch=4))
+    assert len(whole) == 7 and len(tail) == 3
+    for (images_a, labels_a), (images_b, labels_b) in zip(whole[4:], tail, strict=True):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
 
 
 def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:

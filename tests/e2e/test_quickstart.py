@@ -24,10 +24,15 @@ def test_quickstart_trains_saves_its_config_and_prints_accuracy(tmp_path: Path, 
     assert "images_per_s" in out and "eta" in out and "val top-1" in out
 
     run_dir = tmp_path / "runs" / "qs"
-    assert load_config(run_dir / "config.yaml") == load_config("quickstart", overrides)
+    checkpoints = run_dir / "checkpoints"
+    resolved = load_config("quickstart", [*overrides, f"checkpoint.url={checkpoints}"])
+    assert load_config(run_dir / "config.yaml") == resolved
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["val_images"] == 355
     assert summary["images_per_s"] > 0
+    assert summary["checkpoint_url"] == str(checkpoints / "step_000000090")
+    assert sorted(p.name for p in Path(summary["checkpoint_url"]).iterdir()) == [
+        "manifest.json", "model.pt", "rank_0.pt", "train_state.pt"]
     # One epoch of ResNet-18 on digits; chance is 10%.
     assert summary["val_top1"] > 0.3
     assert f"{100 * summary['val_top1']:.2f}%" in out

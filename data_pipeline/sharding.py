@@ -1,0 +1,73 @@
+"""Which samples each rank sees at each step, as a pure function of (seed, epoch, step).
+
+Training: every epoch is one seeded permutation of the whole split, cut into global batches of
+batch_size x world_size; rank r takes the r-th slice of each. The samples of a global batch therefore
+do not depend on the world size, and any step can be reproduced without replaying the ones before it,
+which is what exact mid-epoch resume needs. The incomplete last global batch is dropped.
+Validation: rank r takes every world_size-th sample from r; nothing is padded or dropped, so each
+image is evaluated exactly once.
+
+Each sample also carries its own augmentation seed, derived from (seed, epoch, index): random crops
+and flips then do not depend on which worker process decodes the sample or on what ran before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+SampleKey = tuple[int, int]
+"""(index into the split, augmentation seed of this sample in this epoch)."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch `epoch`'s permutation."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of sample `index` in epoch `epoch`."""
+    return (epoch_seed(seed, epoch) * 10_000_019 + index) % 2**63
+
+
+class ShardedBatchSampler:
+    """Batches of `SampleKey`s for one rank, starting at a settable (epoch, batch) position."""
+
+    def __init__(self, num_samples: int, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 train: bool) -> None:
+        assert 0 <= rank < world_size
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a whole epoch."""
+        if self.train:
+            return self.num_samples // (self.batch_size * self.world_size)
+        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration yield epoch `epoch` from batch `start_batch` on."""
+        assert 0 <= start_batch <= len(self)
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        epoch = self.epoch
+        if self.train:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            global_batch = self.batch_size * self.world_size
+            for batch in range(self.start_batch, len(self)):
+                start = batch * global_batch + self.rank * self.batch_size
+                yield [(i, sample_seed(self.seed, epoch, i)) for i in order[start:start + self.batch_size]]
+        else:
+            shard = list(range(self.rank, self.num_samples, self.world_size))
+            for batch in range(self.start_batch, len(self)):
+                yield [(i, 0) for i in shard[batch * self.batch_size:(batch + 1) * self.batch_size]]

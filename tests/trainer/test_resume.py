@@ -1,0 +1,152 @@
+"""Exact resume: a run interrupted mid-epoch and restarted ends with the same weights, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import data_pipeline.sharding
+import trainer
+import trainer.loop
+from configs import ConfigError, RunConfig, load_config
+from data_pipeline.fs import open_storage
+from trainer.checkpoint import CheckpointManager
+from trainer.dist import single_process_context
+from trainer.state import from_bytes, load_state
+
+
+class Interrupt(Exception):
+    """Stands in for a crash."""
+
+
+class CrashAt:
+    """A sink that raises when a report for `step` arrives."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step == self.step and "loss" in metrics:
+            raise Interrupt
+
+
+def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
+    # 22 steps per epoch, 2 epochs; checkpoints every 14 steps (14, 28) and at each epoch end (22, 44).
+    return load_config("quickstart", [
+        f"data.root={root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=64",
+        "data.num_workers=0", "schedule.epochs=2", "tracking.log_interval_steps=10",
+        f"checkpoint.url={checkpoint_dir}", "checkpoint.interval_steps=14", "checkpoint.keep_last=20", *extra,
+    ])
+
+
+def final_state(checkpoint_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1)
+    manifest = manager.latest()
+    assert manifest is not None
+    return (manifest.step, from_bytes(manager.read(manifest.step, "model.pt")),
+            from_bytes(manager.read(manifest.step, "train_state.pt")))
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, dict]:
+    checkpoint_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = trainer.run(config(digits_root, checkpoint_dir), single_process_context(), [])
+    assert result.steps == 44 and result.start_step == 0
+    return final_state(checkpoint_dir)
+
+
+def interrupted_then_resumed(root: Path, checkpoint_dir: Path) -> trainer.TrainResult:
+    with pytest.raises(Interrupt):
+        trainer.run(config(root, checkpoint_dir), single_process_context(), [CrashAt(30)])
+    manifest = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1).latest()
+    assert manifest is not None and manifest.step == 28  # mid-epoch: epoch 1, batch 6
+    return trainer.run(config(root, checkpoint_dir), single_process_context(), [])
+
+
+def test_resume_mid_epoch_gives_bitwise_identical_weights(digits_root: Path, tmp_path: Path,
+                                                          uninterrupted: tuple[int, dict, dict]) -> None:
+    result = interrupted_then_resumed(digits_root, tmp_path)
+    assert result.start_step == 28 and result.steps == 44
+    assert result.train_images == (44 - 28) * 64
+    step, model, train_state = final_state(tmp_path)
+    assert step == uninterrupted[0] == 44
+    assert_same_state(model, uninterrupted[1])
+    momentum = [s["momentum_buffer"] for s in train_state["optimizer"]["state"].values()]
+    expected = [s["momentum_buffer"] for s in uninterrupted[2]["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, expected, strict=True))
+
+
+def test_negative_control_without_optimizer_state_the_weights_differ(
+        digits_root: Path, tmp_path: Path, uninterrupted: tuple[int, dict, dict],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_without_optimizer(manager, manifest, *, model, optimizer, scaler, rank):  # noqa: ANN001, ANN202
+        fresh = optimizer.state_dict()
+        load_state(manager, manifest, model=model, optimizer=optimizer, scaler=scaler, rank=rank)
+        optimizer.load_state_dict(fresh)
+
+    monkeypatch.setattr(trainer.loop, "load_state", load_without_optimizer)
+    interrupted_then_resumed(digits_root, tmp_path)
+    assert not torch.equal(final_state(tmp_path)[1]["fc.weight"], uninterrupted[1]["fc.weight"])
+
+
+def test_negative_control_with_other_augmentation_after_resume_the_weights_differ(
+        digits_root: Path, tmp_path: Path, uninterrupted: tuple[int, dict, dict],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(Interrupt):
+        trainer.run(config(digits_root, tmp_path), single_process_context(), [CrashAt(30)])
+    original = data_pipeline.sharding.sample_seed
+    monkeypatch.setattr(data_pipeline.sharding, "sample_seed", lambda seed, epoch, index: original(seed + 1, epoch,
+                                                                                                   index))
+    trainer.run(config(digits_root, tmp_path), single_process_context(), [])
+    assert not torch.equal(final_state(tmp_path)[1]["fc.weight"], uninterrupted[1]["fc.weight"])
+
+
+@pytest.fixture(scope="module")
+def finished(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, trainer.TrainResult]:
+    """A one-epoch run that completed; the tests below only read its checkpoints."""
+    checkpoint_dir = tmp_path_factory.mktemp("finished")
+    return checkpoint_dir, trainer.run(config(digits_root, checkpoint_dir, "schedule.epochs=1"),
+                                       single_process_context(), [])
+
+
+def test_a_finished_run_resumes_to_its_result(digits_root: Path, finished: tuple[Path, trainer.TrainResult]) -> None:
+    checkpoint_dir, first = finished
+    again = trainer.run(config(digits_root, checkpoint_dir, "schedule.epochs=1"), single_process_context(), [])
+    assert again.start_step == again.steps == first.steps == 22
+    assert again.train_images == 0 and again.val == first.val
+
+
+def test_checkpoint_of_another_architecture_is_refused(digits_root: Path,
+                                                       finished: tuple[Path, trainer.TrainResult]) -> None:
+    with pytest.raises(ConfigError, match=r"holds \{'name': 'resnet18', 'num_classes': 10.*this run builds "
+                                          r"\{'name': 'resnet34'"):
+        trainer.run(config(digits_root, finished[0], "model.name=resnet34"), single_process_context(), [])
+
+
+def test_checkpoint_of_another_global_batch_is_refused(digits_root: Path,
+                                                       finished: tuple[Path, trainer.TrainResult]) -> None:
+    with pytest.raises(ConfigError, match=r"global batch of 64 images, this run uses 32"):
+        trainer.run(config(digits_root, finished[0], "data.batch_size=32"), single_process_context(), [])
+
+
+def test_checkpoint_holds_a_torchvision_compatible_model_and_the_resolved_config(
+        finished: tuple[Path, trainer.TrainResult]) -> None:
+    manager = CheckpointManager(open_storage(str(finished[0])), keep_last=1)
+    manifest = manager.latest()
+    assert manifest is not None and manifest.step == 22 and manifest.meta["epoch"] == 1.0
+    assert manifest.meta["val_top1"] == finished[1].val["val_top1"]
+    assert manifest.meta["config"]["model"]["name"] == "resnet18"
+    assert set(manifest.files) == {"model.pt", "train_state.pt", "rank_0.pt"}
+    weights = from_bytes(manager.read(22, "model.pt"))
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False)  # the small-input stem
+    reference.load_state_dict(weights, strict=True)

@@ -1,0 +1,110 @@
+"""Turning the training state into checkpoint files and back.
+
+Files of a step: `model.pt` (the unwrapped model's state dict: torchvision-compatible), `train_state.pt`
+(optimizer and gradient scaler) and `rank_<r>.pt` (that rank's random generator states). Facts needed
+to decide whether a checkpoint fits this run live in the manifest's meta, readable without torch.load.
+Every file loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from configs.loader import ConfigError, config_to_dict
+from configs.schema import RunConfig
+from trainer.checkpoint import CheckpointManager, Manifest
+
+
+def to_bytes(obj: object) -> bytes:
+    """`torch.save` into memory."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> Any:
+    """`torch.load` with `weights_only=True`: tensors and plain containers only, no code."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's generator states (torch CPU and CUDA, numpy, python) as weights-only-loadable data."""
+    _, keys, pos, has_gauss, cached_gaussian = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    version, python_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng` took."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+
+
+def architecture(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint's weights fit: model name, classes and stem."""
+    return {"name": cfg.model.name, "num_classes": cfg.model.num_classes, "small_input": cfg.model.small_input}
+
+
+def check_compatible(manifest: Manifest, url: str, cfg: RunConfig, *, global_batch_size: int) -> None:
+    """Refuse a checkpoint of another architecture, or one whose steps mean other batches, naming both."""
+    saved = manifest.meta["architecture"]
+    wanted = architecture(cfg)
+    if saved != wanted:
+        raise ConfigError(f"checkpoint {url} holds {saved}, but this run builds {wanted} (model.*): "
+                          "point checkpoint.url elsewhere or change the model config")
+    if manifest.meta["global_batch_size"] != global_batch_size:
+        raise ConfigError(f"checkpoint {url} was trained with a global batch of {manifest.meta['global_batch_size']} "
+                          f"images, this run uses {global_batch_size} (data.batch_size x world size): "
+                          "resuming would change which images each step sees")
+
+
+def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_batch_size: int,
+                    val: dict[str, float] | None) -> dict[str, Any]:
+    """The manifest facts of a step."""
+    return {
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "global_batch_size": global_batch_size,
+        "architecture": architecture(cfg),
+        **(val or {}),
+        "config": config_to_dict(cfg),
+    }
+
+
+def save_state(manager: CheckpointManager, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, rank: int, meta: dict[str, Any]) -> None:
+    """Write one single-process checkpoint of `step` and commit it."""
+    files = {
+        "model.pt": to_bytes(model.state_dict()),
+        "train_state.pt": to_bytes({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}),
+        f"rank_{rank}.pt": to_bytes({"rng": capture_rng()}),
+    }
+    manager.save(step, files, meta)
+
+
+def load_state(manager: CheckpointManager, manifest: Manifest, *, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int) -> None:
+    """Restore model, optimizer, scaler and this rank's generators from a committed step."""
+    step = manifest.step
+    model.load_state_dict(from_bytes(manager.read(step, "model.pt")))
+    train_state = from_bytes(manager.read(step, "train_state.pt"))
+    optimizer.load_state_dict(train_state["optimizer"])
+    scaler.load_state_dict(train_state["scaler"])
+    restore_rng(from_bytes(manager.read(step, f"rank_{rank}.pt"))["rng"])
