@@ -55,7 +55,7 @@ class DataConfig:
     root: str = "data/imagenet"
     """Folder of the data set."""
     batch_size: int = 256
-    """Images per worker per step; the global batch is this x world size x gradient accumulation."""
+    """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
     num_workers: int = 8
     """Decoding processes per training worker."""
     image_size: int = 224
@@ -92,6 +92,8 @@ class OptimConfig:
     """L2 penalty on conv and FC weights (never on BatchNorm or bias parameters)."""
     label_smoothing: float = 0.1
     """Mass spread uniformly over all classes in the cross-entropy target."""
+    accumulation_steps: int = 1
+    """Micro-batches of data.batch_size per optimiser step: the global batch is batch_size x world size x this."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -99,6 +101,7 @@ class OptimConfig:
         _require(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _require(self.accumulation_steps >= 1, "accumulation_steps", self.accumulation_steps, "must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,8 +146,13 @@ class PrecisionConfig:
 class DistributedConfig:
     """How workers share the step."""
 
-    strategy: Literal["none"] = "none"
-    """none: one process. (DDP and DeepSpeed ZeRO arrive with the training engine.)"""
+    strategy: Literal["none", "ddp"] = "none"
+    """none: one process; ddp: PyTorch DistributedDataParallel over all launched processes."""
+    bucket_cap_mb: int = 25
+    """DDP gradient bucket size: larger buckets mean fewer all-reduce calls, smaller ones earlier overlap."""
+
+    def __post_init__(self) -> None:
+        _require(self.bucket_cap_mb >= 1, "bucket_cap_mb", self.bucket_cap_mb, "must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

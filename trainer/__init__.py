@@ -14,11 +14,12 @@ from data_pipeline import build_loaders
 from data_pipeline.fs import open_storage
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import DistContext
-from trainer.loop import TrainResult, TrainState, train
+from trainer.loop import TrainResult, train
 from trainer.metrics import MetricSink
 from trainer.models import build_model
 from trainer.optim import build_optimizer, peak_learning_rate
 from trainer.precision import resolve_precision
+from trainer.strategy import build_strategy
 
 __all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
 
@@ -32,25 +33,25 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     if len(loaders.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at data.root={cfg.data.root!r} "
                          f"has {len(loaders.classes)} classes")
-    if len(loaders.train) == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
-                          f"({loaders.num_train_images} images): no full batch to train on")
+    if len(loaders.train) < cfg.optim.accumulation_steps:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x "
+                          f"optim.accumulation_steps={cfg.optim.accumulation_steps} is larger than the training set "
+                          f"({loaders.num_train_images} images): no full step to train on")
+    if cfg.distributed.strategy == "none" and ctx.world_size > 1:
+        raise ConfigError(f"distributed.strategy='none' but {ctx.world_size} processes were launched: use 'ddp'")
+    # The wrapping chain, in this order: device -> channels-last -> strategy (DDP wraps the final module).
     model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=cfg.precision.channels_last)
     precision = resolve_precision(cfg.precision, ctx.device)
-    global_batch_size = cfg.data.batch_size * ctx.world_size
+    global_batch_size = cfg.data.batch_size * ctx.world_size * cfg.optim.accumulation_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
-    state = TrainState(
-        model=model,
-        optimizer=build_optimizer(model, cfg.optim, peak_lr),
-        scaler=precision.grad_scaler(),
-        precision=precision,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
-    )
+    optimizer = build_optimizer(model, cfg.optim, peak_lr)
+    strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx)
     checkpoints = None
     if cfg.checkpoint.url is not None:
         checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
-    return train(state, loaders, cfg, peak_lr=peak_lr, global_batch_size=global_batch_size, rank=ctx.rank,
-                 sinks=sinks, checkpoints=checkpoints)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    return train(strategy, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
+                 global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints)
 
 
 def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:

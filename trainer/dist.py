@@ -30,3 +30,35 @@ def single_process_context() -> DistContext:
     """A one-process job on the first GPU, or on the CPU when there is none."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     return DistContext(rank=0, local_rank=0, world_size=1, device=device)
+
+
+def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method: str = "env://") -> DistContext:
+    """Join the process group (nccl on GPUs, gloo on CPUs) and describe this process's place in it.
+
+    Called by launchers, once per process, before `trainer.run`.
+    """
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                         world_size=world_size, device_id=device if use_cuda else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (a no-op in a single process); returns it."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if is_distributed():
+        torch.distributed.barrier()

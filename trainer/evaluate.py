@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from data_pipeline import Loader
+from trainer.dist import all_reduce_sum
 from trainer.precision import Precision
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels_last: bool) -> dict[str, float]:
-    """Mean cross-entropy (without label smoothing), top-1 and top-5 accuracy over every image of `loader`."""
+    """Mean cross-entropy (without label smoothing), top-1 and top-5 accuracy over every image of every rank's
+    `loader`: counts are summed over ranks, so each image counts once however the shards fall."""
     device = precision.device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     was_training = model.training
@@ -33,7 +35,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels
             torch.tensor(labels.numel(), device=device),
         ]).double()
     model.train(was_training)
-    loss_sum, top1, top5_hits, count = totals.tolist()
+    loss_sum, top1, top5_hits, count = all_reduce_sum(totals).tolist()
     assert count > 0, "scan_split never returns an empty split"
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5_hits / count,
             "val_images": count}

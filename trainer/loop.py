@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,22 +14,15 @@ from torch import nn
 from configs.schema import RunConfig
 from data_pipeline import Loaders
 from trainer.checkpoint import CheckpointManager
+from trainer.dist import DistContext, all_reduce_sum
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricSink
 from trainer.precision import Precision
 from trainer.schedule import learning_rate
 from trainer.state import check_compatible, checkpoint_meta, load_state, save_state
+from trainer.strategy import Strategy
 
-
-@dataclass(frozen=True, slots=True)
-class TrainState:
-    """The objects a training step changes."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    precision: Precision
-    criterion: nn.Module
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +36,7 @@ class TrainResult:
     steps: int
     """The global step reached: optimiser steps since the run began, across restarts."""
     train_images: int
-    """Images this process trained on (since start_step)."""
+    """Images trained on by all ranks together since start_step."""
     train_time_s: float
     """Wall time of the training steps, evaluation excluded."""
     val: dict[str, float]
@@ -49,37 +44,41 @@ class TrainResult:
 
     @property
     def images_per_s(self) -> float:
-        """Measured training throughput of this process (0 when it resumed an already finished run)."""
+        """Measured training throughput of the whole job (0 when it resumed an already finished run)."""
         return self.train_images / self.train_time_s if self.train_time_s else 0.0
 
 
-def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Forward, backward and update on one batch; returns the loss, still on the device (no host sync)."""
-    with state.precision.autocast():
-        logits = state.model(images)
-        loss = state.criterion(logits, labels)
-    state.optimizer.zero_grad(set_to_none=True)
-    # The scaler is a pass-through unless the precision is fp16.
-    state.scaler.scale(loss).backward()
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    return loss.detach()
+def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module,
+               micro_batches: list[Batch]) -> torch.Tensor:
+    """Forward and backward over each micro-batch, then one update; returns the mean loss, on the device."""
+    total_loss = torch.zeros((), device=precision.device)
+    for i, (images, labels) in enumerate(micro_batches):
+        # Gradients are reduced across ranks only on the last micro-batch's backward.
+        sync = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else strategy.no_sync():
+            with precision.autocast():
+                loss = criterion(strategy.model(images), labels) / len(micro_batches)
+            strategy.backward(loss)
+        total_loss += loss.detach()
+    strategy.step()
+    return total_loss
 
 
-def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float, global_batch_size: int,
-          rank: int, sinks: Sequence[MetricSink], checkpoints: CheckpointManager | None) -> TrainResult:
+def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loaders: Loaders, cfg: RunConfig, *,
+          ctx: DistContext, peak_lr: float, global_batch_size: int, sinks: Sequence[MetricSink],
+          checkpoints: CheckpointManager | None) -> TrainResult:
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe checkpoint,
     maybe report; per epoch: evaluate, report, checkpoint."""
-    device = state.precision.device
+    device = precision.device
     memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
-    steps_per_epoch = len(loaders.train)
+    accumulation = cfg.optim.accumulation_steps
+    steps_per_epoch = len(loaders.train) // accumulation
     total_steps = cfg.schedule.epochs * steps_per_epoch
     val: dict[str, float] = {}
     start_step = 0
     if checkpoints is not None and (manifest := checkpoints.latest()) is not None:
         check_compatible(manifest, checkpoints.url(manifest.step), cfg, global_batch_size=global_batch_size)
-        load_state(checkpoints, manifest, model=state.model, optimizer=state.optimizer, scaler=state.scaler,
-                   rank=rank)
+        load_state(checkpoints, manifest, strategy, ctx)
         start_step = manifest.step
         val = {k: v for k, v in manifest.meta.items() if k.startswith("val_")}
 
@@ -87,46 +86,52 @@ def train(state: TrainState, loaders: Loaders, cfg: RunConfig, *, peak_lr: float
         if checkpoints is None:
             return
         meta = checkpoint_meta(cfg, step=step, steps_per_epoch=steps_per_epoch,
-                               global_batch_size=global_batch_size, val=val)
-        save_state(checkpoints, step, model=state.model, optimizer=state.optimizer, scaler=state.scaler,
-                   rank=rank, meta=meta)
+                               global_batch_size=global_batch_size, world_size=ctx.world_size, val=val)
+        save_state(checkpoints, step, strategy, ctx, meta=meta)
+
+    def to_device(batch: Batch) -> Batch:
+        images, labels = batch
+        return (images.to(device, non_blocking=True, memory_format=memory_format),
+                labels.to(device, non_blocking=True))
 
     step, train_time_s, train_images = start_step, 0.0, 0
     for epoch in range(start_step // steps_per_epoch, cfg.schedule.epochs):
-        state.model.train()
-        loss_sum = torch.zeros((), device=device)
-        interval_steps, interval_images = 0, 0
+        strategy.model.train()
+        # Per-interval sums, reduced over ranks only when reported: [loss, steps, images].
+        interval = torch.zeros(3, dtype=torch.float64, device=device)
         interval_start = time.perf_counter()
-        for images, labels in loaders.train.iter_epoch(epoch, start_batch=step - epoch * steps_per_epoch):
+        start_batch = (step - epoch * steps_per_epoch) * accumulation
+        batches = loaders.train.iter_epoch(epoch, start_batch=start_batch)
+        while step < (epoch + 1) * steps_per_epoch:
             lr = learning_rate(step, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule)
-            for group in state.optimizer.param_groups:
+            for group in strategy.optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            loss_sum += train_step(state, images, labels)
+            micro_batches = [to_device(batch) for batch in itertools.islice(batches, accumulation)]
+            loss = train_step(strategy, precision, criterion, micro_batches)
             step += 1
-            interval_steps += 1
-            interval_images += labels.shape[0]
+            interval += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
+                                     torch.tensor(sum(b[1].shape[0] for b in micro_batches), device=device)])
             end_of_epoch = step % steps_per_epoch == 0
             if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and not end_of_epoch:
                 save(step, None)  # epoch ends save after evaluation, below
             if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch:
-                mean_loss = (loss_sum / interval_steps).item()  # the host sync that makes the timing honest
+                # The one host sync of the interval, which also makes the timing honest.
+                loss_sum, interval_steps, images = all_reduce_sum(interval).tolist()
                 elapsed_s = time.perf_counter() - interval_start
                 train_time_s += elapsed_s
-                train_images += interval_images
+                train_images += int(images)
                 for sink in sinks:
                     sink.log({
                         "epoch": step / steps_per_epoch,
-                        "loss": mean_loss,
+                        "loss": loss_sum / interval_steps,
                         "lr": lr,
-                        "images_per_s": interval_images / elapsed_s,
+                        "images_per_s": images / elapsed_s,
                         "eta_s": (total_steps - step) * train_time_s / (step - start_step),
                     }, step)
-                loss_sum.zero_()
-                interval_steps, interval_images = 0, 0
+                interval.zero_()
                 interval_start = time.perf_counter()
-        val = evaluate(state.model, loaders.val, state.precision, channels_last=cfg.precision.channels_last)
+        strategy.sync_buffers()
+        val = evaluate(strategy.unwrapped(), loaders.val, precision, channels_last=cfg.precision.channels_last)
         for sink in sinks:
             sink.log({"epoch": epoch + 1, **val}, step)
         save(step, val)

@@ -1,8 +1,9 @@
 """Turning the training state into checkpoint files and back.
 
 Files of a step: `model.pt` (the unwrapped model's state dict: torchvision-compatible), `train_state.pt`
-(optimizer and gradient scaler) and `rank_<r>.pt` (that rank's random generator states). Facts needed
-to decide whether a checkpoint fits this run live in the manifest's meta, readable without torch.load.
+(the strategy's optimizer and gradient scaler state) and `rank_<r>.pt` (each rank's random generator
+states). Facts needed to decide whether a checkpoint fits this run live in the manifest's meta,
+readable without torch.load.
 Every file loads with `weights_only=True`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from typing import Any, cast
 
 import numpy as np
@@ -18,6 +20,8 @@ import torch
 from configs.loader import ConfigError, config_to_dict
 from configs.schema import RunConfig
 from trainer.checkpoint import CheckpointManager, Manifest
+from trainer.dist import DistContext, barrier
+from trainer.strategy import Strategy
 
 
 def to_bytes(obj: object) -> bytes:
@@ -75,36 +79,45 @@ def check_compatible(manifest: Manifest, url: str, cfg: RunConfig, *, global_bat
                           "resuming would change which images each step sees")
 
 
-def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_batch_size: int,
+def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_batch_size: int, world_size: int,
                     val: dict[str, float] | None) -> dict[str, Any]:
     """The manifest facts of a step."""
     return {
         "step": step,
         "epoch": step / steps_per_epoch,
         "global_batch_size": global_batch_size,
+        "world_size": world_size,
         "architecture": architecture(cfg),
         **(val or {}),
         "config": config_to_dict(cfg),
     }
 
 
-def save_state(manager: CheckpointManager, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, rank: int, meta: dict[str, Any]) -> None:
-    """Write one single-process checkpoint of `step` and commit it."""
-    files = {
-        "model.pt": to_bytes(model.state_dict()),
-        "train_state.pt": to_bytes({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}),
-        f"rank_{rank}.pt": to_bytes({"rng": capture_rng()}),
-    }
-    manager.save(step, files, meta)
+def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ctx: DistContext, *,
+               meta: dict[str, Any]) -> None:
+    """Write checkpoint `step` from every rank and commit it: rank 0 writes the model and optimizer (identical
+    on every rank under DDP), each rank its own generator states; rank 0 commits once all have written."""
+    strategy.sync_buffers()  # the saved BatchNorm statistics are the ones every rank evaluates with
+    files = {f"rank_{ctx.rank}.pt": to_bytes({"rng": capture_rng()})}
+    if ctx.is_primary:
+        files["model.pt"] = to_bytes(strategy.unwrapped().state_dict())
+        files["train_state.pt"] = to_bytes(strategy.state_dict())
+    manager.write(step, files)
+    barrier()
+    if ctx.is_primary:
+        manager.commit(step, meta)
+    barrier()
 
 
-def load_state(manager: CheckpointManager, manifest: Manifest, *, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int) -> None:
+def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strategy, ctx: DistContext) -> None:
     """Restore model, optimizer, scaler and this rank's generators from a committed step."""
     step = manifest.step
-    model.load_state_dict(from_bytes(manager.read(step, "model.pt")))
-    train_state = from_bytes(manager.read(step, "train_state.pt"))
-    optimizer.load_state_dict(train_state["optimizer"])
-    scaler.load_state_dict(train_state["scaler"])
-    restore_rng(from_bytes(manager.read(step, f"rank_{rank}.pt"))["rng"])
+    strategy.unwrapped().load_state_dict(from_bytes(manager.read(step, "model.pt")))
+    strategy.load_state_dict(from_bytes(manager.read(step, "train_state.pt")))
+    if manifest.meta["world_size"] == ctx.world_size:
+        restore_rng(from_bytes(manager.read(step, f"rank_{ctx.rank}.pt"))["rng"])
+    elif ctx.is_primary:
+        # Data order and augmentation depend only on (seed, epoch, step), so the run stays exact for the
+        # training itself; only generators that other code may draw from start afresh.
+        warnings.warn(f"checkpoint {manager.url(step)} was written by {manifest.meta['world_size']} ranks, this run "
+                      f"has {ctx.world_size}: random generator states are not restored", stacklevel=2)

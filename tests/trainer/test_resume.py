@@ -88,10 +88,10 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(digits_root: Path, tmp
 def test_negative_control_without_optimizer_state_the_weights_differ(
         digits_root: Path, tmp_path: Path, uninterrupted: tuple[int, dict, dict],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def load_without_optimizer(manager, manifest, *, model, optimizer, scaler, rank):  # noqa: ANN001, ANN202
-        fresh = optimizer.state_dict()
-        load_state(manager, manifest, model=model, optimizer=optimizer, scaler=scaler, rank=rank)
-        optimizer.load_state_dict(fresh)
+    def load_without_optimizer(manager, manifest, strategy, ctx):  # noqa: ANN001, ANN202
+        fresh = strategy.optimizer.state_dict()  # nothing in it yet: no momentum
+        load_state(manager, manifest, strategy, ctx)
+        strategy.optimizer.load_state_dict(fresh)
 
     monkeypatch.setattr(trainer.loop, "load_state", load_without_optimizer)
     interrupted_then_resumed(digits_root, tmp_path)

@@ -1,0 +1,44 @@
+"""PyTorch DistributedDataParallel: every rank holds the whole model, gradients are averaged in buckets."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from configs.schema import DistributedConfig
+from trainer.dist import DistContext
+from trainer.strategy.single import SingleStrategy
+
+
+class DDPStrategy(SingleStrategy):
+    """`SingleStrategy` with the model wrapped in DDP (nccl on GPUs, gloo on CPUs)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 cfg: DistributedConfig, ctx: DistContext) -> None:
+        self.bare = model
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            bucket_cap_mb=cfg.bucket_cap_mb,
+            # Gradients are written straight into the communication buckets: one copy less per step.
+            gradient_as_bucket_view=True,
+            # DDP broadcasts rank 0's BatchNorm buffers before each forward pass.
+            broadcast_buffers=True,
+        )
+        super().__init__(wrapped, optimizer, scaler)
+
+    def no_sync(self) -> contextlib.AbstractContextManager[object]:
+        assert isinstance(self.model, DistributedDataParallel)
+        return self.model.no_sync()
+
+    def unwrapped(self) -> nn.Module:
+        return self.bare
+
+    def sync_buffers(self) -> None:
+        # After the last forward each rank's running statistics moved with its own batch; take rank 0's,
+        # as DDP itself would before the next forward.
+        for buffer in self.bare.buffers():
+            torch.distributed.broadcast(buffer, src=0)
