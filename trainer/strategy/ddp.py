@@ -25,8 +25,6 @@ class DDPStrategy(SingleStrategy):
             bucket_cap_mb=cfg.bucket_cap_mb,
             # Gradients are written straight into the communication buckets: one copy less per step.
             gradient_as_bucket_view=True,
-            # DDP broadcasts rank 0's BatchNorm buffers before each forward pass.
-            broadcast_buffers=True,
         )
         super().__init__(wrapped, optimizer, scaler)
 

@@ -1,0 +1,62 @@
+"""Run `trainer.run` in N real processes joined by a gloo process group on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from configs.schema import RunConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Interrupt(Exception):
+    """Stands in for a crash."""
+
+
+class CrashAt:
+    """A sink that raises when the training report of `step` arrives (on every rank at once: reports follow
+    a collective, so no rank is left waiting for the others)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step == self.step and "loss" in metrics:
+            raise Interrupt
+
+
+def _worker(rank: int, world_size: int, port: int, cfg: RunConfig, crash_at: int | None, results: Any) -> None:
+    import trainer
+    from trainer.dist import init_distributed
+
+    # Two ranks on a 2-core machine: one thread each keeps them from fighting over the cores.
+    torch.set_num_threads(1)
+    ctx = init_distributed(rank=rank, local_rank=rank, world_size=world_size,
+                           init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        try:
+            result = trainer.run(cfg, ctx, [] if crash_at is None else [CrashAt(crash_at)])
+        except Interrupt:
+            result = None
+        results.put((rank, result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(cfg: RunConfig, world_size: int = 2, crash_at: int | None = None) -> list[Any]:
+    """The `TrainResult` of every rank in rank order (None for ranks stopped by `crash_at`); raises if a rank
+    failed otherwise."""
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_worker, args=(world_size, free_port(), cfg, crash_at, results), nprocs=world_size,
+                       start_method="spawn", join=True)
+    by_rank = dict(results.get() for _ in range(world_size))
+    return [by_rank[rank] for rank in range(world_size)]
