@@ -94,6 +94,8 @@ class OptimConfig:
     """Mass spread uniformly over all classes in the cross-entropy target."""
     accumulation_steps: int = 1
     """Micro-batches of data.batch_size per optimiser step: the global batch is batch_size x world size x this."""
+    max_nonfinite_steps: int = 20
+    """Stop with an error after this many consecutive steps with a non-finite loss (each is skipped)."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -102,6 +104,7 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _require(self.accumulation_steps >= 1, "accumulation_steps", self.accumulation_steps, "must be >= 1")
+        _require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

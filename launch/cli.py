@@ -32,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m launch` and the `resnet-train` console script."""
+    """Entry point of `python -m launch` and the `resnet-train` console script.
+
+    Exit status: 0 done, 2 bad input (config, data, paths), 3 training diverged (non-finite losses).
+    """
     from data_pipeline import DatasetError
+    from trainer.loop import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
@@ -52,4 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        return 3
     return 0

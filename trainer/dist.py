@@ -58,6 +58,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `tensor` over all ranks in place (a no-op in a single process); returns it."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if is_distributed():

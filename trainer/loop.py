@@ -14,7 +14,7 @@ from torch import nn
 from configs.schema import RunConfig
 from data_pipeline import Loaders
 from trainer.checkpoint import CheckpointManager
-from trainer.dist import DistContext, all_reduce_sum
+from trainer.dist import DistContext, all_reduce_max, all_reduce_sum
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricSink
 from trainer.precision import Precision
@@ -23,6 +23,10 @@ from trainer.state import check_compatible, checkpoint_meta, load_state, save_st
 from trainer.strategy import Strategy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced only non-finite losses for too long; it stopped rather than save NaN weights."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +99,16 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
                 labels.to(device, non_blocking=True))
 
     step, train_time_s, train_images = start_step, 0.0, 0
+    # Consecutive steps with a non-finite loss on this rank, kept on the device (no per-step host sync).
+    nonfinite_streak = torch.zeros((), dtype=torch.float64, device=device)
     for epoch in range(start_step // steps_per_epoch, cfg.schedule.epochs):
         strategy.model.train()
-        # Per-interval sums, reduced over ranks only when reported: [loss, steps, images].
-        interval = torch.zeros(3, dtype=torch.float64, device=device)
+        # Per-interval sums, reduced over ranks only when reported: finite loss sum, finite losses, images,
+        # non-finite losses; and the longest non-finite streak, reduced with max.
+        interval = torch.zeros(4, dtype=torch.float64, device=device)
+        longest_streak = torch.zeros((), dtype=torch.float64, device=device)
+        running_stats = [b for b in strategy.unwrapped().buffers() if b.is_floating_point()]
+        running_stats_at_start = [b.clone() for b in running_stats]
         interval_start = time.perf_counter()
         start_batch = (step - epoch * steps_per_epoch) * accumulation
         batches = loaders.train.iter_epoch(epoch, start_batch=start_batch)
@@ -107,29 +117,50 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
             for group in strategy.optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [to_device(batch) for batch in itertools.islice(batches, accumulation)]
-            loss = train_step(strategy, precision, criterion, micro_batches)
+            # A non-finite loss gives non-finite gradients (on every rank, once reduced), and the optimizer
+            # skips that step on the device; here it is only counted.
+            loss = train_step(strategy, precision, criterion, micro_batches).double()
+            finite = torch.isfinite(loss)
+            nonfinite_streak = (nonfinite_streak + 1) * ~finite
+            longest_streak = torch.maximum(longest_streak, nonfinite_streak)
+            images = sum(b[1].shape[0] for b in micro_batches)
+            interval += torch.stack([torch.where(finite, loss, 0.0), finite.double(),
+                                     torch.full_like(loss, images), (~finite).double()])
             step += 1
-            interval += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
-                                     torch.tensor(sum(b[1].shape[0] for b in micro_batches), device=device)])
             end_of_epoch = step % steps_per_epoch == 0
-            if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and not end_of_epoch:
-                save(step, None)  # epoch ends save after evaluation, below
-            if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch:
-                # The one host sync of the interval, which also makes the timing honest.
-                loss_sum, interval_steps, images = all_reduce_sum(interval).tolist()
+            checkpoint_due = bool(cfg.checkpoint.interval_steps) and step % cfg.checkpoint.interval_steps == 0
+            # Reports also come before every checkpoint: they are where skipped steps are cleaned up after.
+            if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch or checkpoint_due:
+                # The host syncs of the interval, which also make the timing honest.
+                loss_sum, finite_losses, images, nonfinite = all_reduce_sum(interval).tolist()
+                streak = all_reduce_max(longest_streak).item()
                 elapsed_s = time.perf_counter() - interval_start
                 train_time_s += elapsed_s
                 train_images += int(images)
                 for sink in sinks:
                     sink.log({
                         "epoch": step / steps_per_epoch,
-                        "loss": loss_sum / interval_steps,
+                        "loss": loss_sum / finite_losses if finite_losses else float("nan"),
                         "lr": lr,
                         "images_per_s": images / elapsed_s,
+                        "nonfinite_losses": nonfinite,
                         "eta_s": (total_steps - step) * train_time_s / (step - start_step),
                     }, step)
+                if streak >= cfg.optim.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{int(streak)} consecutive steps before step {step} had a non-finite loss and were skipped "
+                        f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); the weights of the last "
+                        "checkpoint are intact. Lower optim.lr or use a longer warm-up.")
+                if nonfinite:
+                    # A skipped step still ran its forward pass, which folded NaN batch statistics into the
+                    # BatchNorm running averages; go back to the interval's start (they re-converge quickly).
+                    torch._foreach_copy_(running_stats, running_stats_at_start)
                 interval.zero_()
+                longest_streak.zero_()
+                running_stats_at_start = [b.clone() for b in running_stats]
                 interval_start = time.perf_counter()
+            if checkpoint_due and not end_of_epoch:
+                save(step, None)  # epoch ends save after evaluation, below
         strategy.sync_buffers()
         val = evaluate(strategy.unwrapped(), loaders.val, precision, channels_last=cfg.precision.channels_last)
         for sink in sinks:

@@ -30,6 +30,9 @@ class ConsoleSink:
                 parts.append(f"{name} {100 * value:.2f}%")
             elif name in ("epoch", "images_per_s"):
                 parts.append(f"{name} {value:.1f}")
+            elif name == "nonfinite_losses":
+                if value:
+                    parts.append(f"skipped non-finite {int(value)}")
             else:
                 parts.append(f"{name} {value:.4g}")
         print(" | ".join(parts), file=self.stream, flush=True)

@@ -21,9 +21,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, ob
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, peak_lr: float) -> torch.optim.Optimizer:
     """SGD over `model`'s parameters; the schedule sets the lr of every group each step, starting from `peak_lr`."""
-    return torch.optim.SGD(
-        parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        # One kernel for all parameters, and it reads the gradient scaler's found-inf flag on the device,
+        # so skipping a non-finite step needs no host sync.
+        fused=True,
     )
+    if cfg.momentum > 0:
+        # Trap: when the very first step is skipped for non-finite gradients, fused SGD still creates its
+        # momentum buffers, uninitialised, and every later step turns NaN. Zero buffers from the start avoid
+        # that and change nothing else: 0.9 * 0 + g is exactly g, what a first step stores.
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def peak_learning_rate(cfg: OptimConfig, global_batch_size: int) -> float:

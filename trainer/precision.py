@@ -34,8 +34,13 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """A loss scaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+        """A loss scaler, enabled in every precision: its device-side inf/NaN check lets a fused optimizer skip a
+        step with non-finite gradients without a host sync. fp16 scales dynamically from 2**16; bf16 and fp32
+        have fp32's exponent range and keep a power-of-two scale from 1, which changes no value."""
+        if self.name == "fp16":
+            return torch.amp.GradScaler(self.device.type)
+        # The scale only ever halves, after a skipped step; growth is effectively off.
+        return torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
 def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:

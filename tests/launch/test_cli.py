@@ -46,3 +46,12 @@ def test_data_digits_command_renders_and_reports(tmp_path: Path, capsys: pytest.
     assert main(["data", "digits", "--out", str(tmp_path / "digits")]) == 0
     assert "digits: 10 classes, 1442 train and 355 val images" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [str(d) for d in range(10)]
+
+
+def test_diverging_training_exits_3_with_the_reason(tmp_path: Path, digits_root: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", f"launch.runs_dir={tmp_path}", f"data.root={digits_root}", "data.image_size=8",
+                 "data.batch_size=64", "data.num_workers=0", "optim.lr=1e30", "schedule.warmup_epochs=0",
+                 "optim.max_nonfinite_steps=3"])
+    assert code == 3
+    assert "training stopped: " in capsys.readouterr().err

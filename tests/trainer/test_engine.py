@@ -13,6 +13,7 @@ from configs.schema import DataConfig, PrecisionConfig
 from data_pipeline import build_loaders
 from trainer.dist import single_process_context
 from trainer.evaluate import evaluate
+from trainer.loop import TrainingDiverged
 from trainer.models import resnet18
 from trainer.precision import resolve_precision
 
@@ -100,4 +101,35 @@ def test_settings_without_effect_are_warned_about(digits_root: Path, tmp_path: P
                                      "data.batch_size=5000"])
     with pytest.warns(UserWarning, match=r"tracking.uri/experiment are set but this version has no MLflow"), \
             pytest.raises(ConfigError):
+        trainer.run(cfg, single_process_context(), [])
+
+
+def test_a_non_finite_step_is_skipped_and_counted(digits_root: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import data_pipeline.torch_loader as torch_loader
+
+    first_index = {}
+    original = torch_loader.ImageDataset.__getitem__
+
+    def poisoned(self, key):  # noqa: ANN001, ANN202
+        image, label = original(self, key)
+        # The first training sample ever decoded turns into NaNs: exactly one step sees a NaN loss.
+        if self.transform is not None and not first_index and image.shape[-1] == 16:
+            first_index["key"] = key
+        return (image * float("nan"), label) if first_index.get("key") == key else (image, label)
+
+    monkeypatch.setattr(torch_loader.ImageDataset, "__getitem__", poisoned)
+    sink = RecordingSink()
+    cfg = load_config("quickstart", quick_overrides(digits_root, tmp_path))
+    result = trainer.run(cfg, single_process_context(), [sink])
+    skipped = [m["nonfinite_losses"] for _, m in sink.reports if "loss" in m]
+    assert skipped == [1.0, 0.0, 0.0]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for _, m in sink.reports if "loss" in m)
+    assert result.val["val_top1"] > 0.1
+
+
+def test_a_run_of_non_finite_steps_stops_training(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "optim.lr=1e30",
+                                     "schedule.warmup_epochs=0", "optim.max_nonfinite_steps=3"])
+    with pytest.raises(TrainingDiverged, match=r"consecutive steps before step 10 had a non-finite loss"):
         trainer.run(cfg, single_process_context(), [])

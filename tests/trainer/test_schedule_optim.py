@@ -77,10 +77,26 @@ def test_precision_resolution(dtype: str, device: str, expected: str) -> None:
     assert precision.name == expected
 
 
-def test_only_fp16_enables_the_gradient_scaler() -> None:
-    for name, enabled in (("fp16", True), ("bf16", False), ("fp32", False)):
+def test_every_precision_has_a_scaler_and_only_fp16_scales() -> None:
+    for name, initial_scale in (("fp16", 2.0**16), ("bf16", 1.0), ("fp32", 1.0)):
         precision = resolve_precision(PrecisionConfig(dtype=name), torch.device("cpu"))  # type: ignore[arg-type]
-        assert precision.grad_scaler().is_enabled() is enabled
+        scaler = precision.grad_scaler()
+        assert scaler.is_enabled() and scaler.get_scale() == initial_scale
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_on_the_device() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = build_optimizer(model, OptimConfig(), peak_lr=0.1)
+    scaler = resolve_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu")).grad_scaler()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(4, 3)).sum() * float("nan")).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    optimizer.zero_grad()
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    scaler.step(optimizer)
+    assert not torch.equal(before[0], model.weight)
 
 
 def test_bf16_autocast_computes_convolutions_in_bf16() -> None:
