@@ -17,8 +17,9 @@ class MetricSink(Protocol):
 class ConsoleSink:
     """Prints one line per report: training progress with images/s and ETA, or evaluation results."""
 
-    def __init__(self, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
+        """Where lines go; None: whatever sys.stdout is at the time of each line."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Print `metrics` at `step` as one line."""
@@ -35,7 +36,7 @@ class ConsoleSink:
                     parts.append(f"skipped non-finite {int(value)}")
             else:
                 parts.append(f"{name} {value:.4g}")
-        print(" | ".join(parts), file=self.stream, flush=True)
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
 
 
 def _format_duration(seconds: float) -> str:
