@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m launch` and the `resnet-train` console script.
 
-    Exit status: 0 done, 2 bad input (config, data, paths), 3 training diverged (non-finite losses).
+    Exit status: 0 done, 2 bad input (config, data, paths), 3 training diverged (non-finite losses),
+    75 preempted by SIGTERM after a checkpoint (requeue to resume).
     """
     from data_pipeline import DatasetError
     from trainer.loop import TrainingDiverged
+    from trainer.preempt import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)
     try:
@@ -59,4 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
+    except Preempted as error:
+        print(f"preempted: {error}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

@@ -19,6 +19,7 @@ from trainer.metrics import MetricSink
 from trainer.models import build_model
 from trainer.optim import build_optimizer, peak_learning_rate
 from trainer.precision import resolve_precision
+from trainer.preempt import watch_for_preemption
 from trainer.strategy import build_strategy
 
 __all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
@@ -50,8 +51,9 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     if cfg.checkpoint.url is not None:
         checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    return train(strategy, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
-                 global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints)
+    with watch_for_preemption() as preemption:
+        return train(strategy, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
+                     global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints, preemption=preemption)
 
 
 def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:

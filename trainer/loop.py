@@ -18,6 +18,7 @@ from trainer.dist import DistContext, all_reduce_max, all_reduce_sum
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricSink
 from trainer.precision import Precision
+from trainer.preempt import Preempted, PreemptionFlag
 from trainer.schedule import learning_rate
 from trainer.state import check_compatible, checkpoint_meta, load_state, save_state
 from trainer.strategy import Strategy
@@ -70,9 +71,10 @@ def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module,
 
 def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loaders: Loaders, cfg: RunConfig, *,
           ctx: DistContext, peak_lr: float, global_batch_size: int, sinks: Sequence[MetricSink],
-          checkpoints: CheckpointManager | None) -> TrainResult:
-    """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe checkpoint,
-    maybe report; per epoch: evaluate, report, checkpoint."""
+          checkpoints: CheckpointManager | None, preemption: PreemptionFlag) -> TrainResult:
+    """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe report,
+    maybe checkpoint; per epoch: evaluate, report, checkpoint. Stops with `Preempted` after a checkpoint
+    at the first report after SIGTERM."""
     device = precision.device
     memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     accumulation = cfg.optim.accumulation_steps
@@ -129,11 +131,17 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
             step += 1
             end_of_epoch = step % steps_per_epoch == 0
             checkpoint_due = bool(cfg.checkpoint.interval_steps) and step % cfg.checkpoint.interval_steps == 0
+            stop = False
             # Reports also come before every checkpoint: they are where skipped steps are cleaned up after.
+            # They hold collectives, so every rank must reach the same ones: a SIGTERM is acted on at the
+            # next report (at most tracking.log_interval_steps later), where all ranks agree to stop.
             if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch or checkpoint_due:
                 # The host syncs of the interval, which also make the timing honest.
                 loss_sum, finite_losses, images, nonfinite = all_reduce_sum(interval).tolist()
-                streak = all_reduce_max(longest_streak).item()
+                # One max-reduction for two facts: the longest non-finite streak and whether any rank got SIGTERM.
+                flags = torch.stack([longest_streak, torch.tensor(float(preemption.requested), device=device,
+                                                                  dtype=torch.float64)])
+                streak, stop = all_reduce_max(flags).tolist()
                 elapsed_s = time.perf_counter() - interval_start
                 train_time_s += elapsed_s
                 train_images += int(images)
@@ -161,6 +169,11 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
                 interval_start = time.perf_counter()
             if checkpoint_due and not end_of_epoch:
                 save(step, None)  # epoch ends save after evaluation, below
+            if stop:
+                if not (checkpoint_due and not end_of_epoch):
+                    save(step, None)
+                where = checkpoints.url(step) if checkpoints is not None else "nowhere (checkpoint.url is not set)"
+                raise Preempted(f"stopped on SIGTERM at step {step}; resume from {where}")
         strategy.sync_buffers()
         val = evaluate(strategy.unwrapped(), loaders.val, precision, channels_last=cfg.precision.channels_last)
         for sink in sinks:

@@ -1,0 +1,45 @@
+"""SIGTERM: the run finishes its step, commits a checkpoint at the next report, exits 75, and resumes from it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.preempt import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_command(digits_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "launch", "train", f"data.root={digits_root}", "data.image_size=8",
+            "data.num_workers=0", "tracking.log_interval_steps=5", f"launch.runs_dir={runs}", f"launch.name={name}",
+            *extra]
+
+
+def test_sigterm_checkpoints_exits_75_and_the_run_resumes(digits_root: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen(train_command(digits_root, tmp_path, "first"), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 5 |"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == EXIT_PREEMPTED, stderr
+    # Stopped at the next report after the signal: step 10 (or later if the signal landed late).
+    checkpoints = tmp_path / "first" / "checkpoints"
+    committed = sorted(p.name for p in checkpoints.iterdir() if (p / "manifest.json").exists())
+    assert len(committed) == 1
+    step = int(committed[0][5:])
+    assert step % 5 == 0 and 5 < step < 90
+    assert f"preempted: stopped on SIGTERM at step {step}; resume from {checkpoints / committed[0]}" in stderr
+
+    resumed = subprocess.run(train_command(digits_root, tmp_path, "second", f"checkpoint.url={checkpoints}"),
+                             cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert summary["steps"] == 90 and summary["val_images"] == 355
+    assert summary["checkpoint_url"] == str(checkpoints / "step_000000090")
