@@ -10,7 +10,7 @@ from configs.schema import RunConfig
 from launch.rundir import create_run_dir, write_summary
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import single_process_context
-from trainer.metrics import ConsoleSink
+from trainer.metrics import ConsoleSink, JsonLinesSink
 
 
 def run_local(cfg: RunConfig) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def run_local(cfg: RunConfig) -> dict[str, Any]:
     ctx = single_process_context()
     print(f"run {cfg.launch.name}: {cfg.model.name} on {ctx.device}, outputs in {run_dir}", flush=True)
     start = time.perf_counter()
-    result = trainer.run(cfg, ctx, [ConsoleSink()])
+    result = trainer.run(cfg, ctx, [ConsoleSink(), JsonLinesSink(run_dir / "metrics.jsonl")])
     summary = {
         "run_name": cfg.launch.name,
         "model": cfg.model.name,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Protocol, TextIO
 
 
@@ -43,3 +46,18 @@ def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class JsonLinesSink:
+    """Appends one JSON object per report to a file: {"step", "time" (Unix seconds), **metrics}.
+
+    Appending keeps the lines of an earlier attempt when a run resumes into the same folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append `metrics` at `step` as one line."""
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

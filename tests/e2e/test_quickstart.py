@@ -36,3 +36,6 @@ def test_quickstart_trains_saves_its_config_and_prints_accuracy(tmp_path: Path, 
     # One epoch of ResNet-18 on digits; chance is 10%.
     assert summary["val_top1"] > 0.3
     assert f"{100 * summary['val_top1']:.2f}%" in out
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == list(range(10, 91, 10))
+    assert lines[-1]["step"] == 90 and lines[-1]["val_top1"] == summary["val_top1"]
