@@ -78,8 +78,12 @@ class DataConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OptimConfig:
-    """Loss and optimiser: SGD with momentum, no weight decay on BatchNorm and bias parameters."""
+    """Loss and optimiser: SGD or LARS with momentum, no weight decay on BatchNorm and bias parameters."""
 
+    name: Literal["sgd", "lars"] = "sgd"
+    """sgd: SGD with momentum; lars: layer-wise adaptive rate scaling, for global batches of 8k and more."""
+    lars_eta: float = 0.001
+    """LARS trust coefficient: each layer's step is scaled by eta x ||w|| / (||g|| + weight_decay x ||w||)."""
     lr: float = 0.1
     """Peak learning rate; with `scale_lr` it is the rate for a global batch of 256 images."""
     scale_lr: bool = True
@@ -99,6 +103,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(self.lars_eta > 0, "lars_eta", self.lars_eta, "must be > 0")
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         _require(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

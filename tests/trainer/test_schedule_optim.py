@@ -104,3 +104,32 @@ def test_bf16_autocast_computes_convolutions_in_bf16() -> None:
     conv = nn.Conv2d(3, 4, 3)
     with precision.autocast():
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+
+
+def test_lars_scales_each_weight_step_by_its_trust_ratio_and_leaves_biases_plain() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    optimizer = build_optimizer(model, OptimConfig(name="lars", lars_eta=0.02, weight_decay=1e-3, momentum=0.9),
+                                peak_lr=0.5)
+    model(torch.randn(8, 4)).square().sum().backward()
+    grad_weight, grad_bias = model.weight.grad.clone(), model.bias.grad.clone()
+    optimizer.step()
+
+    trust = 0.02 * weight.norm() / (grad_weight.norm() + 1e-3 * weight.norm())
+    torch.testing.assert_close(model.weight, weight - 0.5 * trust * (grad_weight + 1e-3 * weight))
+    torch.testing.assert_close(model.bias, bias - 0.5 * grad_bias)
+    # Negative control: plain SGD takes a visibly different weight step.
+    assert not torch.allclose(model.weight, weight - 0.5 * (grad_weight + 1e-3 * weight), atol=1e-4)
+
+
+def test_lars_momentum_accumulates_like_sgd() -> None:
+    model = nn.Linear(2, 1, bias=False)
+    optimizer = build_optimizer(model, OptimConfig(name="lars", weight_decay=0.0, momentum=0.5), peak_lr=1.0)
+    start = model.weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()  # gradient 1 for each weight
+        optimizer.step()
+    # Without weight decay this is plain SGD: steps of 1, then 1 + 0.5.
+    torch.testing.assert_close(model.weight, start - 2.5)
