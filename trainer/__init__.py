@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from configs.loader import ConfigError
-from configs.schema import RunConfig, TrackingConfig
+from configs.schema import DistributedConfig, RunConfig, TrackingConfig
 from data_pipeline import build_loaders
 from data_pipeline.fs import open_storage
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import DistContext
+from trainer.ema import Ema
 from trainer.loop import TrainResult, train
 from trainer.metrics import MetricSink
 from trainer.models import build_model
@@ -38,21 +39,29 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x "
                           f"optim.accumulation_steps={cfg.optim.accumulation_steps} is larger than the training set "
                           f"({loaders.num_train_images} images): no full step to train on")
-    if cfg.distributed.strategy == "none" and ctx.world_size > 1:
-        raise ConfigError(f"distributed.strategy='none' but {ctx.world_size} processes were launched: use 'ddp'")
-    # The wrapping chain, in this order: device -> channels-last -> strategy (DDP wraps the final module).
-    model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=cfg.precision.channels_last)
+    check_distributed(cfg, ctx)
+    # The wrapping chain, in this order: device -> channels-last -> SyncBN -> compile -> DDP or DeepSpeed.
+    # DeepSpeed needs its parameters in the default layout (see trainer/strategy/deepspeed.py); the inputs
+    # stay channels-last, so the convolutions still run in NHWC.
+    channels_last_weights = cfg.precision.channels_last and cfg.distributed.strategy != "deepspeed"
+    model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=channels_last_weights)
+    if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     precision = resolve_precision(cfg.precision, ctx.device)
     global_batch_size = cfg.data.batch_size * ctx.world_size * cfg.optim.accumulation_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     optimizer = build_optimizer(model, cfg.optim, peak_lr)
-    strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx)
+    ema = Ema(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    if cfg.precision.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx,
+                              micro_batch_size=cfg.data.batch_size, accumulation_steps=cfg.optim.accumulation_steps)
     checkpoints = None
     if cfg.checkpoint.url is not None:
         checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     with watch_for_preemption() as preemption:
-        return train(strategy, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
+        return train(strategy, ema, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
                      global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints, preemption=preemption)
 
 
@@ -60,6 +69,28 @@ def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_
     """Move the model to its device, then (if asked) to NHWC: the format oneDNN and tensor cores run fastest."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def check_distributed(cfg: RunConfig, ctx: DistContext) -> None:
+    """Refuse strategy settings that cannot work on this launch, before any work."""
+    strategy = cfg.distributed.strategy
+    if strategy == "none" and ctx.world_size > 1:
+        raise ConfigError(f"distributed.strategy='none' but {ctx.world_size} processes were launched: use 'ddp'")
+    if cfg.distributed.sync_batchnorm and ctx.device.type != "cuda":
+        raise ConfigError("distributed.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernels); "
+                          "set it to false")
+    if strategy == "deepspeed":
+        if cfg.precision.dtype == "fp16":
+            raise ConfigError("precision.dtype='fp16' with distributed.strategy='deepspeed': DeepSpeed's loss scaling "
+                              "comes with its fp16 mode, which casts BatchNorm to half; use bf16 (or ddp for fp16)")
+        if cfg.optim.name == "lars":
+            raise ConfigError("optim.name='lars' with distributed.strategy='deepspeed': ZeRO flattens parameters, so "
+                              "LARS cannot see whole layers; use distributed.strategy='ddp'")
+        if cfg.precision.compile:
+            raise ConfigError("precision.compile=true with distributed.strategy='deepspeed' is not supported; "
+                              "use ddp to compile")
+    if strategy != "deepspeed" and cfg.distributed.zero_stage != DistributedConfig().zero_stage:
+        warnings.warn(f"distributed.zero_stage has no effect with distributed.strategy={strategy!r}", stacklevel=3)
 
 
 def _warn_unused(cfg: RunConfig) -> None:

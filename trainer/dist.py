@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,14 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Overwrite every buffer of `module` (BatchNorm running statistics) with rank 0's (a no-op in a single
+    process)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def barrier() -> None:

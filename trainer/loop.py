@@ -15,6 +15,7 @@ from configs.schema import RunConfig
 from data_pipeline import Loaders
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import DistContext, all_reduce_max, all_reduce_sum
+from trainer.ema import Ema
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricSink
 from trainer.precision import Precision
@@ -45,7 +46,7 @@ class TrainResult:
     train_time_s: float
     """Wall time of the training steps, evaluation excluded."""
     val: dict[str, float]
-    """The last evaluation: val_loss, val_top1, val_top5, val_images."""
+    """The last evaluation: val_loss, val_top1, val_top5, val_images (and ema_val_* with an EMA)."""
 
     @property
     def images_per_s(self) -> float:
@@ -69,8 +70,8 @@ def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module,
     return total_loss
 
 
-def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loaders: Loaders, cfg: RunConfig, *,
-          ctx: DistContext, peak_lr: float, global_batch_size: int, sinks: Sequence[MetricSink],
+def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: nn.Module, loaders: Loaders,
+          cfg: RunConfig, *, ctx: DistContext, peak_lr: float, global_batch_size: int, sinks: Sequence[MetricSink],
           checkpoints: CheckpointManager | None, preemption: PreemptionFlag) -> TrainResult:
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe report,
     maybe checkpoint; per epoch: evaluate, report, checkpoint. Stops with `Preempted` after a checkpoint
@@ -84,16 +85,16 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
     start_step = 0
     if checkpoints is not None and (manifest := checkpoints.latest()) is not None:
         check_compatible(manifest, checkpoints.url(manifest.step), cfg, global_batch_size=global_batch_size)
-        load_state(checkpoints, manifest, strategy, ctx)
+        load_state(checkpoints, manifest, strategy, ema, ctx)
         start_step = manifest.step
-        val = {k: v for k, v in manifest.meta.items() if k.startswith("val_")}
+        val = {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
 
     def save(step: int, val: dict[str, float] | None) -> None:
         if checkpoints is None:
             return
         meta = checkpoint_meta(cfg, step=step, steps_per_epoch=steps_per_epoch,
                                global_batch_size=global_batch_size, world_size=ctx.world_size, val=val)
-        save_state(checkpoints, step, strategy, ctx, meta=meta)
+        save_state(checkpoints, step, strategy, ema, ctx, meta=meta)
 
     def to_device(batch: Batch) -> Batch:
         images, labels = batch
@@ -122,6 +123,8 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
             # A non-finite loss gives non-finite gradients (on every rank, once reduced), and the optimizer
             # skips that step on the device; here it is only counted.
             loss = train_step(strategy, precision, criterion, micro_batches).double()
+            if ema is not None:
+                ema.update(strategy.unwrapped())
             finite = torch.isfinite(loss)
             nonfinite_streak = (nonfinite_streak + 1) * ~finite
             longest_streak = torch.maximum(longest_streak, nonfinite_streak)
@@ -176,6 +179,10 @@ def train(strategy: Strategy, precision: Precision, criterion: nn.Module, loader
                 raise Preempted(f"stopped on SIGTERM at step {step}; resume from {where}")
         strategy.sync_buffers()
         val = evaluate(strategy.unwrapped(), loaders.val, precision, channels_last=cfg.precision.channels_last)
+        if ema is not None:
+            ema.sync_buffers()
+            ema_val = evaluate(ema.module, loaders.val, precision, channels_last=cfg.precision.channels_last)
+            val.update({f"ema_{name}": value for name, value in ema_val.items() if name != "val_images"})
         for sink in sinks:
             sink.log({"epoch": epoch + 1, **val}, step)
         save(step, val)

@@ -64,14 +64,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, peak_lr: float) -> torch
         # so skipping a non-finite step needs no host sync.
         fused=True,
     )
-    if cfg.momentum > 0:
-        # Trap: when the very first step is skipped for non-finite gradients, fused SGD still creates its
-        # momentum buffers, uninitialised, and every later step turns NaN. Zero buffers from the start avoid
-        # that and change nothing else: 0.9 * 0 + g is exactly g, what a first step stores.
-        for group in optimizer.param_groups:
+    zero_momentum_buffers(optimizer)
+    return optimizer
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of a momentum optimizer a zero momentum buffer now.
+
+    Trap: when the very first step is skipped for non-finite gradients, fused SGD still creates its
+    momentum buffers, uninitialised, and every later step turns NaN. Zero buffers from the start avoid
+    that and change nothing else: 0.9 * 0 + g is exactly g, what a first step stores.
+    """
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) > 0:
             for param in group["params"]:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
-    return optimizer
 
 
 def peak_learning_rate(cfg: OptimConfig, global_batch_size: int) -> float:

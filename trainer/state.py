@@ -1,15 +1,15 @@
 """Turning the training state into checkpoint files and back.
 
-Files of a step: `model.pt` (the unwrapped model's state dict: torchvision-compatible), `train_state.pt`
-(the strategy's optimizer and gradient scaler state) and `rank_<r>.pt` (each rank's random generator
-states). Facts needed to decide whether a checkpoint fits this run live in the manifest's meta,
+Files of a step: `model.pt` (the unwrapped model's state dict: torchvision-compatible), `ema.pt` (the
+weight average, when on), the strategy's files (`train_state.pt`, optimizer and gradient scaler, for
+single/DDP; `deepspeed.*`, the engine's own checkpoint, for DeepSpeed) and `rank_<r>.pt` (each rank's
+random generator states). Facts needed to decide whether a checkpoint fits this run live in the manifest's meta,
 readable without torch.load.
 Every file loads with `weights_only=True`.
 """
 
 from __future__ import annotations
 
-import io
 import random
 import warnings
 from typing import Any, cast
@@ -21,19 +21,9 @@ from configs.loader import ConfigError, config_to_dict
 from configs.schema import RunConfig
 from trainer.checkpoint import CheckpointManager, Manifest
 from trainer.dist import DistContext, barrier
+from trainer.serialize import from_bytes, to_bytes
+from trainer.ema import Ema
 from trainer.strategy import Strategy
-
-
-def to_bytes(obj: object) -> bytes:
-    """`torch.save` into memory."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def from_bytes(data: bytes) -> Any:
-    """`torch.load` with `weights_only=True`: tensors and plain containers only, no code."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -93,15 +83,19 @@ def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_b
     }
 
 
-def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ctx: DistContext, *,
+def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: Ema | None, ctx: DistContext, *,
                meta: dict[str, Any]) -> None:
-    """Write checkpoint `step` from every rank and commit it: rank 0 writes the model and optimizer (identical
-    on every rank under DDP), each rank its own generator states; rank 0 commits once all have written."""
+    """Write checkpoint `step` from every rank and commit it: rank 0 writes the model and EMA (identical on
+    every rank), each rank its own generator states and its share of the strategy's files; rank 0 commits
+    once all have written."""
+    if ema is not None:
+        ema.sync_buffers()
     strategy.sync_buffers()  # the saved BatchNorm statistics are the ones every rank evaluates with
-    files = {f"rank_{ctx.rank}.pt": to_bytes({"rng": capture_rng()})}
+    files = {f"rank_{ctx.rank}.pt": to_bytes({"rng": capture_rng()}), **strategy.save_files()}
     if ctx.is_primary:
         files["model.pt"] = to_bytes(strategy.unwrapped().state_dict())
-        files["train_state.pt"] = to_bytes(strategy.state_dict())
+        if ema is not None:
+            files["ema.pt"] = to_bytes(ema.state_dict())
     manager.write(step, files)
     barrier()
     if ctx.is_primary:
@@ -109,11 +103,18 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ctx: D
     barrier()
 
 
-def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strategy, ctx: DistContext) -> None:
-    """Restore model, optimizer, scaler and this rank's generators from a committed step."""
+def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strategy, ema: Ema | None,
+               ctx: DistContext) -> None:
+    """Restore model, EMA, optimizer, scaler and this rank's generators from a committed step."""
     step = manifest.step
     strategy.unwrapped().load_state_dict(from_bytes(manager.read(step, "model.pt")))
-    strategy.load_state_dict(from_bytes(manager.read(step, "train_state.pt")))
+    strategy.load_files(sorted(manifest.files), lambda name: manager.read(step, name))
+    if ema is not None:
+        if "ema.pt" in manifest.files:
+            ema.load_state_dict(from_bytes(manager.read(step, "ema.pt")))
+        else:
+            # Turning the average on for a run that had it off: start it from the current weights.
+            ema.reset(strategy.unwrapped())
     if manifest.meta["world_size"] == ctx.world_size:
         restore_rng(from_bytes(manager.read(step, f"rank_{ctx.rank}.pt"))["rng"])
     elif ctx.is_primary:

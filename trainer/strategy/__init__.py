@@ -1,13 +1,14 @@
 """How the model, its gradients and its optimizer are shared between workers.
 
 The loop talks to a `Strategy` only: it calls `model` forward, `backward`, `step`, and asks for
-`unwrapped()` and the optimizer state for checkpoints. It never asks which strategy it has.
+`unwrapped()` and the strategy's checkpoint files. It never asks which strategy it has.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,9 +21,9 @@ class Strategy(Protocol):
     """One worker's view of the wrapped model and its update rule."""
 
     model: nn.Module
-    """What the forward pass calls (possibly a DDP or DeepSpeed wrapper)."""
+    """What the forward pass calls (possibly a DDP wrapper or a DeepSpeed engine)."""
     optimizer: torch.optim.Optimizer
-    """The optimizer whose param groups the schedule sets."""
+    """The torch optimizer that applies the update; the schedule sets the lr of its param groups."""
 
     def no_sync(self) -> contextlib.AbstractContextManager[object]:
         """Context for backward passes of micro-batches that precede the last one of a step."""
@@ -33,7 +34,7 @@ class Strategy(Protocol):
         ...
 
     def step(self) -> None:
-        """Apply the accumulated gradients (fp16: unless they overflowed) and clear them."""
+        """Apply the accumulated gradients (unless they are non-finite: then skip) and clear them."""
         ...
 
     def unwrapped(self) -> nn.Module:
@@ -44,22 +45,29 @@ class Strategy(Protocol):
         """Make BatchNorm running statistics equal on every rank (rank 0's), before evaluating or saving."""
         ...
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer and scaler state, for checkpoints."""
+    def save_files(self) -> dict[str, bytes]:
+        """This rank's share of the optimizer (and scaler, engine) state, as named checkpoint files.
+        Called on every rank."""
         ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+    def load_files(self, names: list[str], read: Callable[[str], bytes]) -> None:
+        """Restore from a committed checkpoint: `names` lists all its files, `read(name)` returns one."""
         ...
 
 
 def build_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   cfg: DistributedConfig, ctx: DistContext) -> Strategy:
-    """Wrap `model` (already on its device and in its memory format) for `cfg.strategy`."""
+                   cfg: DistributedConfig, ctx: DistContext, *, micro_batch_size: int,
+                   accumulation_steps: int) -> Strategy:
+    """Wrap `model` (already on its device, in its memory format, maybe compiled) for `cfg.strategy`."""
     if cfg.strategy == "ddp":
         from trainer.strategy.ddp import DDPStrategy
 
         return DDPStrategy(model, optimizer, scaler, cfg, ctx)
+    if cfg.strategy == "deepspeed":
+        from trainer.strategy.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(model, optimizer, cfg, ctx, micro_batch_size=micro_batch_size,
+                                 accumulation_steps=accumulation_steps)
     from trainer.strategy.single import SingleStrategy
 
     return SingleStrategy(model, optimizer, scaler)

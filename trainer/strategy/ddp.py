@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from configs.schema import DistributedConfig
-from trainer.dist import DistContext
-from trainer.strategy.single import SingleStrategy
+from trainer.dist import DistContext, broadcast_buffers
+from trainer.strategy.single import SingleStrategy, bare_module
 
 
 class DDPStrategy(SingleStrategy):
@@ -18,7 +18,7 @@ class DDPStrategy(SingleStrategy):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  cfg: DistributedConfig, ctx: DistContext) -> None:
-        self.bare = model
+        self.bare = bare_module(model)
         wrapped = DistributedDataParallel(
             model,
             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -26,7 +26,7 @@ class DDPStrategy(SingleStrategy):
             # Gradients are written straight into the communication buckets: one copy less per step.
             gradient_as_bucket_view=True,
         )
-        super().__init__(wrapped, optimizer, scaler)
+        super().__init__(wrapped, optimizer, scaler, is_primary=ctx.is_primary)
 
     def no_sync(self) -> contextlib.AbstractContextManager[object]:
         assert isinstance(self.model, DistributedDataParallel)
@@ -38,5 +38,4 @@ class DDPStrategy(SingleStrategy):
     def sync_buffers(self) -> None:
         # After the last forward each rank's running statistics moved with its own batch; take rank 0's,
         # as DDP itself would before the next forward.
-        for buffer in self.bare.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+        broadcast_buffers(self.bare)

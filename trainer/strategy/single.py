@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from trainer.serialize import from_bytes, to_bytes
+
+TRAIN_STATE = "train_state.pt"
+
+
+def bare_module(model: nn.Module) -> nn.Module:
+    """`model` without a torch.compile wrapper (whose state dict names carry an `_orig_mod.` prefix)."""
+    original = getattr(model, "_orig_mod", model)
+    assert isinstance(original, nn.Module)
+    return original
 
 
 class SingleStrategy:
     """The model as it is; the optimizer stepped through the gradient scaler (a pass-through unless fp16)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                 is_primary: bool = True) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
+        self.is_primary = is_primary
 
     def no_sync(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -29,14 +42,21 @@ class SingleStrategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     def unwrapped(self) -> nn.Module:
-        return self.model
+        return bare_module(self.model)
 
     def sync_buffers(self) -> None:
         pass
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+    def save_files(self) -> dict[str, bytes]:
+        # Optimizer and scaler state are identical on every rank: rank 0 writes them.
+        if not self.is_primary:
+            return {}
+        return {TRAIN_STATE: to_bytes({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()})}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_files(self, names: list[str], read: Callable[[str], bytes]) -> None:
+        if TRAIN_STATE not in names:
+            raise ValueError(f"the checkpoint has no {TRAIN_STATE} (its files: {', '.join(names)}): it was written "
+                             "by another distributed.strategy; resume it with that strategy")
+        state = from_bytes(read(TRAIN_STATE))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
