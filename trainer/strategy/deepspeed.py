@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,8 @@ class DeepSpeedStrategy:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DistributedConfig,
                  ctx: DistContext, *, micro_batch_size: int, accumulation_steps: int) -> None:
         deepspeed = import_extra("deepspeed")
+        # DeepSpeed insists on the variable even when it is handed an initialised process group.
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         self.world_size = ctx.world_size
         self.zero_stage = cfg.zero_stage
         config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
@@ -78,10 +81,8 @@ class DeepSpeedStrategy:
         self.engine, wrapped_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                                     dist_init_required=False)
         self.model = self.engine
-        # ZeRO 1/2 wrap our optimizer; its param groups now hold flat fp32 partitions of this rank.
+        # ZeRO 1/2 wrap our optimizer and point its param groups at this rank's flat fp32 partitions.
         self.optimizer: torch.optim.Optimizer = getattr(wrapped_optimizer, "optimizer", wrapped_optimizer)
-        if self.optimizer is optimizer and cfg.zero_stage > 0:
-            raise AssertionError("ZeRO did not wrap the optimizer")
         # Momentum buffers made for the whole parameters would be a full copy per rank that ZeRO never uses.
         self.optimizer.state.clear()
         zero_momentum_buffers(self.optimizer)
@@ -145,12 +146,13 @@ class DeepSpeedStrategy:
 
 
 def check_weights_only(name: str, data: bytes) -> None:
-    """Refuse an engine file that holds anything but tensors, plain containers and DeepSpeed's two record
+    """Refuse an engine file that holds anything but tensors, plain containers and three plain DeepSpeed record
     classes: DeepSpeed's own loader unpickles fully, so this check is what keeps code out of a resume."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, fragment_address]):
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         try:
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler raises several types; all mean "not plain data"
