@@ -1,0 +1,69 @@
+"""The weight average: its arithmetic, its evaluation beside the model, and its exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import trainer
+from tests.trainer.test_resume import CrashAt, Interrupt, config
+from trainer.checkpoint import CheckpointManager
+from trainer.dist import single_process_context
+from trainer.ema import Ema
+from trainer.state import from_bytes
+from data_pipeline.fs import open_storage
+
+
+def test_update_is_a_lerp_of_every_float_tensor_and_copies_counters() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = Ema(model, decay=0.75)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(1)  # parameters, running statistics and the integer batch counter
+    ema.update(model)
+    now = model.state_dict()
+    for key, value in ema.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * now[key], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(value, now[key])
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def ema_run(root: Path, folder: Path, *sinks: object) -> trainer.TrainResult:
+    cfg = config(root, folder, "schedule.epochs=1", "optim.ema_decay=0.9")
+    return trainer.run(cfg, single_process_context(), list(sinks))  # type: ignore[arg-type]
+
+
+def final_ema(folder: Path) -> dict[str, torch.Tensor]:
+    manager = CheckpointManager(open_storage(str(folder)), keep_last=20)
+    manifest = manager.latest()
+    assert manifest is not None and manifest.step == 22
+    return from_bytes(manager.read(22, "ema.pt"))
+
+
+def test_the_average_is_evaluated_saved_and_resumed_exactly(digits_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = ema_run(digits_root, tmp_path / "whole")
+    assert {"ema_val_top1", "ema_val_top5", "ema_val_loss"} <= whole.val.keys()
+    assert whole.val["ema_val_loss"] != whole.val["val_loss"]
+    expected = final_ema(tmp_path / "whole")
+
+    # Crash after the checkpoint of step 14, resume: the same average, bit for bit.
+    with pytest.raises(Interrupt):
+        ema_run(digits_root, tmp_path / "resumed", CrashAt(20))
+    assert ema_run(digits_root, tmp_path / "resumed").start_step == 14
+    resumed = final_ema(tmp_path / "resumed")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+    # Negative control: an average that is not restored on resume (it starts again from the initial weights)
+    # ends elsewhere.
+    monkeypatch.setattr(Ema, "load_state_dict", lambda self, state: None)
+    with pytest.raises(Interrupt):
+        ema_run(digits_root, tmp_path / "control", CrashAt(20))
+    ema_run(digits_root, tmp_path / "control")
+    assert not torch.equal(final_ema(tmp_path / "control")["fc.weight"], expected["fc.weight"])
