@@ -107,8 +107,9 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
     for epoch in range(start_step // steps_per_epoch, cfg.schedule.epochs):
         strategy.model.train()
         # Per-interval sums, reduced over ranks only when reported: finite loss sum, finite losses, images,
-        # non-finite losses; and the longest non-finite streak, reduced with max.
-        interval = torch.zeros(4, dtype=torch.float64, device=device)
+        # non-finite losses, seconds waiting for data; and the longest non-finite streak, reduced with max.
+        interval = torch.zeros(5, dtype=torch.float64, device=device)
+        data_wait_s = 0.0
         longest_streak = torch.zeros((), dtype=torch.float64, device=device)
         running_stats = [b for b in strategy.unwrapped().buffers() if b.is_floating_point()]
         running_stats_at_start = [b.clone() for b in running_stats]
@@ -119,7 +120,10 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
             lr = learning_rate(step, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule)
             for group in strategy.optimizer.param_groups:
                 group["lr"] = lr
+            # Data wait: host time blocked on the loader (and the copy's launch), while the device may idle.
+            wait_start = time.perf_counter()
             micro_batches = [to_device(batch) for batch in itertools.islice(batches, accumulation)]
+            data_wait_s += time.perf_counter() - wait_start
             # A non-finite loss gives non-finite gradients (on every rank, once reduced), and the optimizer
             # skips that step on the device; here it is only counted.
             loss = train_step(strategy, precision, criterion, micro_batches).double()
@@ -130,7 +134,7 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
             longest_streak = torch.maximum(longest_streak, nonfinite_streak)
             images = sum(b[1].shape[0] for b in micro_batches)
             interval += torch.stack([torch.where(finite, loss, 0.0), finite.double(),
-                                     torch.full_like(loss, images), (~finite).double()])
+                                     torch.full_like(loss, images), (~finite).double(), torch.zeros_like(loss)])
             step += 1
             end_of_epoch = step % steps_per_epoch == 0
             checkpoint_due = bool(cfg.checkpoint.interval_steps) and step % cfg.checkpoint.interval_steps == 0
@@ -140,7 +144,8 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
             # next report (at most tracking.log_interval_steps later), where all ranks agree to stop.
             if step % cfg.tracking.log_interval_steps == 0 or end_of_epoch or checkpoint_due:
                 # The host syncs of the interval, which also make the timing honest.
-                loss_sum, finite_losses, images, nonfinite = all_reduce_sum(interval).tolist()
+                interval[4] = data_wait_s
+                loss_sum, finite_losses, images, nonfinite, data_wait_sum_s = all_reduce_sum(interval).tolist()
                 # One max-reduction for two facts: the longest non-finite streak and whether any rank got SIGTERM.
                 flags = torch.stack([longest_streak, torch.tensor(float(preemption.requested), device=device,
                                                                   dtype=torch.float64)])
@@ -154,7 +159,9 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
                         "loss": loss_sum / finite_losses if finite_losses else float("nan"),
                         "lr": lr,
                         "images_per_s": images / elapsed_s,
+                        "data_wait_share": data_wait_sum_s / ctx.world_size / elapsed_s,
                         "nonfinite_losses": nonfinite,
+                        "progress": step / total_steps,
                         "eta_s": (total_steps - step) * train_time_s / (step - start_step),
                     }, step)
                 if streak >= cfg.optim.max_nonfinite_steps:
@@ -167,6 +174,7 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
                     # BatchNorm running averages; go back to the interval's start (they re-converge quickly).
                     torch._foreach_copy_(running_stats, running_stats_at_start)
                 interval.zero_()
+                data_wait_s = 0.0
                 longest_streak.zero_()
                 running_stats_at_start = [b.clone() for b in running_stats]
                 interval_start = time.perf_counter()

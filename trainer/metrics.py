@@ -32,6 +32,10 @@ class ConsoleSink:
                 parts.append(f"eta {_format_duration(value)}")
             elif name.endswith(("top1", "top5")):
                 parts.append(f"{name} {100 * value:.2f}%")
+            elif name == "progress":
+                parts[0] = f"step {step} ({100 * value:.1f}%)"
+            elif name.endswith("_share"):
+                parts.append(f"{name.removesuffix('_share').replace('_', ' ')} {100 * value:.0f}%")
             elif name in ("epoch", "images_per_s"):
                 parts.append(f"{name} {value:.1f}")
             elif name == "nonfinite_losses":

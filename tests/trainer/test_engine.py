@@ -77,6 +77,9 @@ def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: P
     assert [step for step, _ in train_reports] == [10, 20, 22]
     assert all({"loss", "lr", "images_per_s", "eta_s", "epoch"} <= set(m) for _, m in train_reports)
     assert train_reports[-1][1]["eta_s"] == 0 and train_reports[-1][1]["epoch"] == 1.0
+    assert [m["progress"] for _, m in train_reports] == [10 / 22, 20 / 22, 1.0]
+    # Decoding in the main process (num_workers=0) keeps the step waiting for data part of the time.
+    assert all(0 < m["data_wait_share"] < 1 for _, m in train_reports)
     step, val = sink.reports[-1]
     assert step == 22 and val == {"epoch": 1, **result.val} and result.val["val_images"] == 355
     # One epoch at 16 px learns something; chance is 10%.
