@@ -49,9 +49,10 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are batched and augmented."""
 
-    dataset: Literal["folder", "digits"] = "folder"
+    dataset: Literal["folder", "digits", "synthetic"] = "folder"
     """folder: an ImageNet-layout tree (train/<class>/*, val/<class>/*) at `root`;
-    digits: the built-in handwritten digits set, rendered into `root` at first use."""
+    digits: the built-in handwritten digits set, rendered into `root` at first use;
+    synthetic: random tensors made once on the device (compute benchmarks; `root` is not read)."""
     root: str = "data/imagenet"
     """Folder of the data set."""
     batch_size: int = 256
@@ -66,6 +67,11 @@ class DataConfig:
     """Flip training images horizontally with probability 1/2."""
     val_crop_ratio: float = 0.875
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops image_size."""
+    synthetic_images: int = 1_281_167
+    """Training images per epoch of the synthetic data set (ImageNet's count); its validation set is one
+    batch per worker."""
+    synthetic_classes: int = 1000
+    """Classes of the synthetic data set's labels (must equal model.num_classes)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "root", self.root, "must name a folder")
@@ -74,6 +80,8 @@ class DataConfig:
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(0 < self.min_crop_area <= 1, "min_crop_area", self.min_crop_area, "must be in (0, 1]")
         _require(0 < self.val_crop_ratio <= 1, "val_crop_ratio", self.val_crop_ratio, "must be in (0, 1]")
+        _require(self.synthetic_images >= 1, "synthetic_images", self.synthetic_images, "must be >= 1")
+        _require(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "must be >= 2")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

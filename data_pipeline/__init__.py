@@ -54,9 +54,15 @@ def prepare_dataset(cfg: DataConfig) -> Path:
 
 
 def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> Loaders:
-    """Index the train and val splits and build rank `rank`'s loaders over them."""
+                  device: torch.device | None = None) -> Loaders:
+    """Index the train and val splits and build rank `rank`'s loaders over them, delivering to `device`
+    (pinned host memory for a GPU; synthetic data is made there)."""
+    device = device or torch.device("cpu")
+    if cfg.dataset == "synthetic":
+        return build_synthetic_loaders(cfg, seed=seed + rank, world_size=world_size, device=device)
     from data_pipeline.torch_loader import build_torch_loader
+
+    pin_memory = device.type == "cuda"
 
     root = prepare_dataset(cfg)
     if not root.is_dir():
@@ -71,4 +77,18 @@ def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int 
         classes=train_index.classes,
         num_train_images=len(train_index.samples),
         num_val_images=len(val_index.samples),
+    )
+
+
+def build_synthetic_loaders(cfg: DataConfig, *, seed: int, world_size: int, device: torch.device) -> Loaders:
+    """Loaders of `data_pipeline.synthetic`: full global batches of the configured image count."""
+    from data_pipeline.synthetic import SyntheticLoader
+
+    global_batch_size = cfg.batch_size * world_size
+    return Loaders(
+        train=SyntheticLoader(cfg, num_batches=cfg.synthetic_images // global_batch_size, seed=seed, device=device),
+        val=SyntheticLoader(cfg, num_batches=1, seed=seed, device=device),
+        classes=tuple(f"class_{i}" for i in range(cfg.synthetic_classes)),
+        num_train_images=cfg.synthetic_images,
+        num_val_images=global_batch_size,
     )

@@ -1,4 +1,4 @@
-"""`python -m launch <command>`: train, and data preparation."""
+"""`python -m launch <command>`: train, bench, and data preparation."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="dotted overrides applied after the file, e.g. optim.lr=0.4 data.batch_size=128")
+
+    bench = commands.add_parser("bench", help="measure throughput")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    step = bench_commands.add_parser(
+        "step", help="the engine's training step against a bare PyTorch loop, on synthetic device-resident data")
+    step.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    step.add_argument("--steps", type=int, default=20, help="timed steps per variant per round (default: 20)")
+    step.add_argument("--rounds", type=int, default=3, help="alternating rounds of both variants (default: 3)")
+    step.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    step.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
 
     data = commands.add_parser("data", help="prepare data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -51,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from launch.local import run_local
 
             run_local(cfg)
+        elif args.command == "bench":
+            from launch.bench import bench_step
+
+            if args.steps < 1 or args.rounds < 1:
+                raise ConfigError(f"--steps={args.steps} and --rounds={args.rounds} must both be >= 1")
+            result = bench_step(load_config(args.config, args.overrides), steps=args.steps, rounds=args.rounds)
+            print(result.as_json() if args.json else result.table())
         elif args.command == "data":
             from launch.data import render_digits_command
 

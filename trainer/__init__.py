@@ -30,11 +30,11 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     """Train and evaluate the configured model on this process's share of the job."""
     _warn_unused(cfg)
     torch.manual_seed(cfg.seed)
-    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                            pin_memory=ctx.device.type == "cuda")
+    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     if len(loaders.classes) != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set at data.root={cfg.data.root!r} "
-                         f"has {len(loaders.classes)} classes")
+        source = ("data.synthetic_classes" if cfg.data.dataset == "synthetic"
+                  else f"the data set at data.root={cfg.data.root!r}")
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {source} has {len(loaders.classes)} classes")
     if len(loaders.train) < cfg.optim.accumulation_steps:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x "
                           f"optim.accumulation_steps={cfg.optim.accumulation_steps} is larger than the training set "
