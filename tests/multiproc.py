@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from typing import Any
 
@@ -33,30 +35,50 @@ class CrashAt:
             raise Interrupt
 
 
-def _worker(rank: int, world_size: int, port: int, cfg: RunConfig, crash_at: int | None, results: Any) -> None:
+class SigtermAt:
+    """A sink that sends SIGTERM to its own process when the training report of `step` arrives."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step == self.step and "loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(rank: int, world_size: int, port: int, cfg: RunConfig, crash_at: int | None,
+            sigterm: tuple[int, int] | None, results: Any) -> None:
     import trainer
     from trainer.dist import init_distributed
+    from trainer.preempt import Preempted
 
     # Two ranks on a 2-core machine: one thread each keeps them from fighting over the cores.
     torch.set_num_threads(1)
     ctx = init_distributed(rank=rank, local_rank=rank, world_size=world_size,
                            init_method=f"tcp://127.0.0.1:{port}")
     try:
+        sinks: list[Any] = [] if crash_at is None else [CrashAt(crash_at)]
+        if sigterm is not None and sigterm[0] == rank:
+            sinks.append(SigtermAt(sigterm[1]))
         try:
-            result = trainer.run(cfg, ctx, [] if crash_at is None else [CrashAt(crash_at)])
+            result = trainer.run(cfg, ctx, sinks)
         except Interrupt:
             result = None
+        except Preempted as error:
+            result = str(error)
         results.put((rank, result))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(cfg: RunConfig, world_size: int = 2, crash_at: int | None = None) -> list[Any]:
-    """The `TrainResult` of every rank in rank order (None for ranks stopped by `crash_at`); raises if a rank
-    failed otherwise."""
+def run_ranks(cfg: RunConfig, world_size: int = 2, crash_at: int | None = None,
+              sigterm: tuple[int, int] | None = None) -> list[Any]:
+    """The `TrainResult` of every rank in rank order (None for ranks stopped by `crash_at`, the message for
+    ranks stopped by preemption after `sigterm=(rank, step)` sent SIGTERM to that rank at that step's
+    report); raises if a rank failed otherwise."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_worker, args=(world_size, free_port(), cfg, crash_at, results), nprocs=world_size,
+    mp.start_processes(_worker, args=(world_size, free_port(), cfg, crash_at, sigterm, results), nprocs=world_size,
                        start_method="spawn", join=True)
     by_rank = dict(results.get() for _ in range(world_size))
     return [by_rank[rank] for rank in range(world_size)]

@@ -102,3 +102,19 @@ def test_two_ranks_interrupted_mid_epoch_resume_to_bitwise_identical_weights(dig
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed[0].val == whole[0].val
 
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(digits_root: Path, tmp_path: Path) -> None:
+    extra = ["distributed.strategy=ddp", "tracking.log_interval_steps=10"]
+    whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
+    # Rank 1 alone gets SIGTERM after the report of step 10; both ranks learn of it at step 20's report.
+    stopped = run_ranks(config(digits_root, tmp_path / "stopped", *extra), sigterm=(1, 10))
+    where = tmp_path / "stopped" / "step_000000020"
+    assert stopped == [f"stopped on SIGTERM at step 20; resume from {where}"] * 2
+    manager = CheckpointManager(open_storage(str(tmp_path / "stopped")), keep_last=1)
+    latest = manager.latest()
+    assert latest is not None and latest.step == 20 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
+    resumed = run_ranks(config(digits_root, tmp_path / "stopped", *extra))
+    assert [r.start_step for r in resumed] == [20, 20] and resumed[0].steps == whole[0].steps == 22
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)

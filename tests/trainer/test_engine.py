@@ -136,3 +136,24 @@ def test_a_run_of_non_finite_steps_stops_training(digits_root: Path, tmp_path: P
                                      "schedule.warmup_epochs=0", "optim.max_nonfinite_steps=3"])
     with pytest.raises(TrainingDiverged, match=r"consecutive steps before step 10 had a non-finite loss"):
         trainer.run(cfg, single_process_context(), [])
+
+
+def test_sync_batchnorm_is_refused_on_a_cpu(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "distributed.sync_batchnorm=true"])
+    with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
+        trainer.run(cfg, single_process_context(), [])
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_saves_torchvision_names(digits_root: Path, tmp_path: Path) -> None:
+    from data_pipeline.fs import open_storage
+    from trainer.checkpoint import CheckpointManager
+    from trainer.state import from_bytes
+
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "precision.compile=true",
+                                     f"checkpoint.url={tmp_path / 'checkpoints'}"])
+    result = trainer.run(cfg, single_process_context(), [])
+    assert result.val["val_top1"] > 0.15  # learns like the eager model (chance is 10%)
+    manager = CheckpointManager(open_storage(str(tmp_path / "checkpoints")), keep_last=1)
+    weights = from_bytes(manager.read(22, "model.pt"))
+    assert "conv1.weight" in weights and not any(key.startswith("_orig_mod") for key in weights)
