@@ -87,5 +87,8 @@ def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed:
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         pin_memory=pin_memory,
+        # Each new iterator draws a base seed for its workers; from a private generator, the trainer's global
+        # generators stay untouched (augmentation is seeded per sample and does not use that seed at all).
+        generator=torch.Generator().manual_seed(seed),
     )
     return TorchLoader(dataloader, sampler)

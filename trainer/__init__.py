@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ __all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
 def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainResult:
     """Train and evaluate the configured model on this process's share of the job."""
     _warn_unused(cfg)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     if len(loaders.classes) != cfg.model.num_classes:
         source = ("data.synthetic_classes" if cfg.data.dataset == "synthetic"
@@ -63,6 +65,14 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     with watch_for_preemption() as preemption:
         return train(strategy, ema, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
                      global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints, preemption=preemption)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators of torch (CPU and GPUs), numpy and python: the model's initial weights come
+    from torch's, and code beside the trainer (a sink, a user's module) starts the same way every run."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def apply_device_and_layout(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:

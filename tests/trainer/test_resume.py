@@ -11,6 +11,7 @@ import torchvision
 import data_pipeline.sharding
 import trainer
 import trainer.loop
+import trainer.state
 from configs import ConfigError, RunConfig, load_config
 from data_pipeline.fs import open_storage
 from trainer.checkpoint import CheckpointManager
@@ -150,3 +151,40 @@ def test_checkpoint_holds_a_torchvision_compatible_model_and_the_resolved_config
     reference = torchvision.models.resnet18(num_classes=10)
     reference.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False)  # the small-input stem
     reference.load_state_dict(weights, strict=True)
+
+
+class DrawAtReports:
+    """Stands in for code that draws from the global generators during training (dropout, a user's sampler):
+    it draws from torch, numpy and python at every training report."""
+
+    def __init__(self) -> None:
+        self.draws: dict[int, tuple[float, float, float]] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import random
+
+        import numpy as np
+
+        if "loss" in metrics:
+            self.draws[step] = (torch.rand(()).item(), float(np.random.rand()), random.random())
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restored", "negative-control-not-restored"])
+def test_every_generator_continues_where_the_checkpoint_left_it(digits_root: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                restore: bool) -> None:
+    # This trainer itself draws from no global generator (augmentation is seeded per sample, the loader's
+    # worker seeds come from a private generator), so the
+    # generator states matter only to other code; they must still continue exactly.
+    whole = DrawAtReports()
+    trainer.run(config(digits_root, tmp_path / "whole"), single_process_context(), [whole])
+    if not restore:
+        monkeypatch.setattr(trainer.state, "restore_rng", lambda state: None)
+    with pytest.raises(Interrupt):
+        trainer.run(config(digits_root, tmp_path / "resumed"), single_process_context(), [DrawAtReports(),
+                                                                                          CrashAt(30)])
+    resumed = DrawAtReports()
+    trainer.run(config(digits_root, tmp_path / "resumed"), single_process_context(), [resumed])
+    after_resume = {step: draws for step, draws in whole.draws.items() if step > 28}
+    assert set(resumed.draws) == set(after_resume) == {30, 40, 42, 44}
+    assert (resumed.draws == after_resume) is restore
