@@ -24,7 +24,7 @@ def test_sigterm_checkpoints_exits_75_and_the_run_resumes(digits_root: Path, tmp
                                stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None
     for line in process.stdout:
-        if line.startswith("step 5 |"):
+        if line.startswith("step 5 ("):
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=300)
