@@ -148,3 +148,16 @@ def test_an_engine_file_with_code_in_it_is_refused() -> None:
     torch.save({"hook": print}, buffer)
     with pytest.raises(ValueError, match="deepspeed.x.pt holds more than weights"):
         check_weights_only("deepspeed.x.pt", buffer.getvalue())
+
+
+def test_the_deepspeed_config_says_everything_deepspeed_would_otherwise_default() -> None:
+    from configs.schema import DistributedConfig
+    from trainer.strategy.deepspeed import deepspeed_config
+
+    config = deepspeed_config(DistributedConfig(strategy="deepspeed", zero_stage=2, bucket_cap_mb=50),
+                              micro_batch_size=32, accumulation_steps=4, world_size=8)
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed >= 0.19.3 would clip at 1.0
+    assert config["fp16"] == {"enabled": False} and config["bf16"] == {"enabled": False}  # autocast instead
+    assert config["train_batch_size"] == 32 * 4 * 8 and config["managed_gradient_accumulation"] is False
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50 * 2**20 // 4,
+                                           "allgather_bucket_size": 50 * 2**20 // 4}
