@@ -55,6 +55,9 @@ class DataConfig:
     synthetic: random tensors made once on the device (compute benchmarks; `root` is not read)."""
     root: str = "data/imagenet"
     """Folder of the data set."""
+    index_dir: str | None = None
+    """Folder of the index written by `python -m launch data prepare` (only indexed images are read);
+    None: <root>/index."""
     batch_size: int = 256
     """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
     num_workers: int = 8

@@ -10,7 +10,8 @@ from typing import Protocol
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.index import DatasetError, scan_split
+from data_pipeline.index import DatasetError
+from data_pipeline.prepare import index_folder, read_index
 
 
 __all__ = ["DatasetError", "Loader", "Loaders", "build_loaders", "prepare_dataset"]
@@ -67,8 +68,10 @@ def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int 
     root = prepare_dataset(cfg)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={cfg.root!r}: no such folder (expected train/ and val/ under it)")
-    train_index = scan_split(root, "train")
-    val_index = scan_split(root, "val", classes=train_index.classes)
+    # Only indexed images are read: every one of them decoded when `data prepare` wrote the index.
+    folder = index_folder(root, cfg.index_dir)
+    train_index = read_index(folder, root, "train")
+    val_index = read_index(folder, root, "val")
     return Loaders(
         train=build_torch_loader(train_index, cfg, train=True, seed=seed, rank=rank, world_size=world_size,
                                  pin_memory=pin_memory),

@@ -34,8 +34,12 @@ def render_digits(out: str | Path) -> Path:
     """
     from sklearn.datasets import load_digits
 
+    from data_pipeline.prepare import CLASSES_FILE, INDEX_FOLDER, prepare_index
+
     out = Path(out)
     if (out / MARKER).is_file():
+        if not (out / INDEX_FOLDER / CLASSES_FILE).is_file():  # rendered by a version without indexes
+            prepare_index(out, num_workers=1)
         return out
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists, is not empty and holds no complete digits render ({MARKER} missing)")
@@ -54,6 +58,7 @@ def render_digits(out: str | Path) -> Path:
                 for index in chosen:
                     _to_image(digits.images[index]).save(folder / f"digits_{index:04d}.JPEG", quality=95)
                 counts[split] += len(chosen)
+        prepare_index(staging, num_workers=1)
         (staging / MARKER).write_text(json.dumps({"classes": 10, "image_size": IMAGE_SIZE, **counts}))
         if out.exists():
             out.rmdir()

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser(
+        "prepare", help="decode every file of an ImageNet-layout tree and write the index training reads")
+    prepare.add_argument("root", help="folder holding train/<class>/* and val/<class>/*")
+    prepare.add_argument("--out", default=None, help="index folder (default: ROOT/index; set data.index_dir to it)")
+    prepare.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: all cores)")
     digits = data_commands.add_parser("digits", help="render the built-in digits set as an ImageNet-layout JPEG tree")
     digits.add_argument("--out", required=True, help="folder to create (left as it is if already complete)")
     return parser
@@ -69,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = bench_step(load_config(args.config, args.overrides), steps=args.steps, rounds=args.rounds)
             print(result.as_json() if args.json else result.table())
         elif args.command == "data":
-            from launch.data import render_digits_command
+            from launch.data import prepare_command, render_digits_command
 
-            render_digits_command(args.out)
+            if args.data_command == "prepare":
+                prepare_command(args.root, out=args.out, num_workers=args.num_workers)
+            else:
+                render_digits_command(args.out)
     except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

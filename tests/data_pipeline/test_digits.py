@@ -13,7 +13,7 @@ from torchvision.datasets import ImageFolder
 
 import data_pipeline.digits as digits
 from data_pipeline.digits import MARKER, render_digits
-from data_pipeline.index import scan_split
+from data_pipeline.prepare import read_index
 
 CLASS_SIZES = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 """Images per digit in scikit-learn's set (1,797 in all)."""
@@ -87,7 +87,7 @@ def test_a_foreign_non_empty_folder_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_labels_match_torchvision_image_folder(digits_root: Path) -> None:
-    ours = scan_split(digits_root, "train")
+    ours = read_index(digits_root / "index", digits_root, "train")
     theirs = ImageFolder(str(digits_root / "train"))
     assert list(ours.classes) == theirs.classes
     assert [(str(ours.root / p), label) for p, label in ours.samples] == theirs.samples

@@ -1,0 +1,142 @@
+"""`python -m launch data prepare ROOT`: decode every file of an ImageNet-layout tree once and write the index
+that training reads, so that a bad file can never abort a run mid-epoch.
+
+The index lives in `ROOT/index/` (or another folder): `classes.txt` (one class folder name per line, sorted:
+line i is label i, as torchvision's ImageFolder numbers them), `train.txt` and `val.txt` (one
+`<class>/<file> <label>` per line, the file-list format DALI's reader takes, paths relative to the split
+folder) and `excluded.txt` (`<split>/<class>/<file>\t<reason>` for every file left out). The files are
+written to temporaries and renamed, `classes.txt` last, whose presence marks a complete index.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.index import DatasetError, SplitIndex
+
+SPLITS = ("train", "val")
+INDEX_FOLDER = "index"
+CLASSES_FILE = "classes.txt"
+EXCLUDED_FILE = "excluded.txt"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSplit:
+    """What `prepare_index` found in one split."""
+
+    kept: tuple[tuple[str, int], ...]
+    """(class/file, label) of every image that decoded, sorted by path."""
+    excluded: tuple[tuple[str, str], ...]
+    """(class/file, reason) of every file left out."""
+
+
+def check_image(path: str) -> str | None:
+    """None if `path` decodes completely as an image (any mode PIL reads: CMYK, grayscale, PNG under a .JPEG
+    name, ...), else the reason it does not."""
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            image.load()  # a full decode: a truncated file fails here, not at open
+            if image.width < 1 or image.height < 1:
+                return "image has no pixels"
+    except Exception as error:  # PIL raises many types for undecodable data; the reason is what matters
+        return f"not a decodable image: {type(error).__name__}: {error}"
+    return None
+
+
+def _class_files(split_folder: Path, classes: Iterable[str]) -> list[str]:
+    return [f"{name}/{entry.name}" for name in classes
+            for entry in sorted(os.scandir(split_folder / name), key=lambda e: e.name) if entry.is_file()]
+
+
+def prepare_index(root: str | Path, *, out: str | Path | None = None, num_workers: int | None = None,
+                  progress_every: int = 10_000) -> dict[str, PreparedSplit]:
+    """Decode every file under `root/train` and `root/val` in `num_workers` processes (default: all cores),
+    write the index to `out` (default `root/index`) and return what each split holds.
+
+    Raises FileNotFoundError for a missing root or split, DatasetError for a split without a decodable
+    image or a val class that train does not have.
+    """
+    root = Path(root)
+    out = Path(out) if out is not None else root / INDEX_FOLDER
+    if not root.is_dir():
+        raise FileNotFoundError(f"data set root not found: {root} (expected train/<class>/<image> and val/...)")
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"data set split not found: {root / split} (expected {split}/<class>/<image>)")
+    classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
+    val_classes = sorted(entry.name for entry in os.scandir(root / "val") if entry.is_dir())
+    if missing := sorted(set(val_classes) - set(classes)):
+        raise DatasetError(f"{root / 'val'}: class folders {missing[:5]} have no training folder under "
+                           f"{root / 'train'}")
+    label_of = {name: label for label, name in enumerate(classes)}
+    splits: dict[str, PreparedSplit] = {}
+    # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=num_workers or os.cpu_count() or 1, mp_context=context) as pool:
+        for split, split_classes in (("train", classes), ("val", val_classes)):
+            files = _class_files(root / split, split_classes)
+            start = time.perf_counter()
+            kept: list[tuple[str, int]] = []
+            excluded: list[tuple[str, str]] = []
+            paths = [str(root / split / file) for file in files]
+            for done, (file, reason) in enumerate(zip(files, pool.map(check_image, paths, chunksize=64),
+                                                      strict=True), start=1):
+                if reason is None and any(ch.isspace() for ch in file):
+                    reason = "path contains whitespace, which the index's file-list format cannot hold"
+                if reason is None:
+                    kept.append((file, label_of[file.split("/", 1)[0]]))
+                else:
+                    excluded.append((file, reason))
+                if done % progress_every == 0:
+                    rate = done / (time.perf_counter() - start)
+                    print(f"{split}: checked {done}/{len(files)} files ({rate:.0f}/s, "
+                          f"eta {(len(files) - done) / rate:.0f} s)", flush=True)
+            if not kept:
+                raise DatasetError(f"{root / split}: no decodable images (expected {split}/<class>/<image>)")
+            splits[split] = PreparedSplit(kept=tuple(kept), excluded=tuple(excluded))
+    _write_index(out, classes, splits)
+    return splits
+
+
+def _write_text(path: Path, lines: Iterable[str]) -> None:
+    temporary = path.with_name(f"{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in lines))
+    os.replace(temporary, path)
+
+
+def _write_index(out: Path, classes: list[str], splits: dict[str, PreparedSplit]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CLASSES_FILE).unlink(missing_ok=True)  # the index is incomplete until classes.txt is back
+    for split, prepared in splits.items():
+        _write_text(out / f"{split}.txt", (f"{file} {label}" for file, label in prepared.kept))
+    _write_text(out / EXCLUDED_FILE, (f"{split}/{file}\t{reason}" for split, prepared in splits.items()
+                                      for file, reason in prepared.excluded))
+    _write_text(out / CLASSES_FILE, classes)
+
+
+def index_folder(root: str | Path, index_dir: str | None) -> Path:
+    """Where the index of `root` lives: `index_dir` if given, else `root/index`."""
+    return Path(index_dir) if index_dir is not None else Path(root) / INDEX_FOLDER
+
+
+def read_index(folder: Path, root: Path, split: str) -> SplitIndex:
+    """The `split` written by `prepare_index` into `folder`, with sample paths relative to `root/split`."""
+    if not (folder / CLASSES_FILE).is_file():
+        raise DatasetError(f"no complete index at {folder} ({CLASSES_FILE} missing): run "
+                           f"`python -m launch data prepare {root}` first (training reads only indexed images)")
+    classes = tuple((folder / CLASSES_FILE).read_text().splitlines())
+    samples = []
+    for line in (folder / f"{split}.txt").read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        samples.append((path, int(label)))
+    return SplitIndex(root=root / split, classes=classes, samples=tuple(samples))
