@@ -10,10 +10,10 @@ written to temporaries and renamed, `classes.txt` last, whose presence marks a c
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Iterable
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

@@ -85,10 +85,8 @@ def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> fl
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = SyntheticLoader(cfg.data, num_batches=2 * steps, seed=cfg.seed, device=device).iter_epoch(0)
     model.train()
-    elapsed_s = 0.0
-    for phase in ("warm-up", "timed"):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def run_steps() -> None:
         for _ in range(steps):
             images, labels = next(batches)
             with precision.autocast():
@@ -97,9 +95,12 @@ def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> fl
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        loss.item()
         synchronize(device)
-        elapsed_s = time.perf_counter() - start if phase == "timed" else 0.0
+
+    run_steps()  # warm-up: kernel selection, allocator, caches
+    start = time.perf_counter()
+    run_steps()
+    elapsed_s = time.perf_counter() - start
     return steps * cfg.data.batch_size / elapsed_s
 
 

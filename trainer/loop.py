@@ -133,8 +133,8 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
             nonfinite_streak = (nonfinite_streak + 1) * ~finite
             longest_streak = torch.maximum(longest_streak, nonfinite_streak)
             images = sum(b[1].shape[0] for b in micro_batches)
-            interval += torch.stack([torch.where(finite, loss, 0.0), finite.double(),
-                                     torch.full_like(loss, images), (~finite).double(), torch.zeros_like(loss)])
+            interval[:4] += torch.stack([torch.where(finite, loss, 0.0), finite.double(),
+                                         torch.full_like(loss, images), (~finite).double()])
             step += 1
             end_of_epoch = step % steps_per_epoch == 0
             checkpoint_due = bool(cfg.checkpoint.interval_steps) and step % cfg.checkpoint.interval_steps == 0

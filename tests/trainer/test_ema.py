@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import trainer
-from tests.trainer.test_resume import CrashAt, Interrupt, config
+from tests.multiproc import CrashAt, Interrupt
+from tests.trainer.test_resume import config
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import single_process_context
 from trainer.ema import Ema

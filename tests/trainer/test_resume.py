@@ -14,24 +14,10 @@ import trainer.loop
 import trainer.state
 from configs import ConfigError, RunConfig, load_config
 from data_pipeline.fs import open_storage
+from tests.multiproc import CrashAt, Interrupt
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import single_process_context
 from trainer.state import from_bytes, load_state
-
-
-class Interrupt(Exception):
-    """Stands in for a crash."""
-
-
-class CrashAt:
-    """A sink that raises when a report for `step` arrives."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if step == self.step and "loss" in metrics:
-            raise Interrupt
 
 
 def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
