@@ -20,11 +20,11 @@ lint: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[dali,ray,mlflow]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[dev,deepspeed]'
+	$(PIP_INSTALL) -e '.[dev,dali,deepspeed,ray,mlflow]'
 	touch $@
 
 clean:

@@ -55,6 +55,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return _build(RunConfig, "", values)
 
 
+def config_from_dict(document: Mapping[str, Any], source: str) -> RunConfig:
+    """Build a `RunConfig` from the schema defaults and `document` (what `config_to_dict` returns)."""
+    return _build(RunConfig, "", _flatten(document, source))
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain YAML-ready data (tuples become lists)."""
     def plain(value: Any) -> Any:

@@ -54,14 +54,18 @@ class DataConfig:
     digits: the built-in handwritten digits set, rendered into `root` at first use;
     synthetic: random tensors made once on the device (compute benchmarks; `root` is not read)."""
     root: str = "data/imagenet"
-    """Folder of the data set."""
+    """Folder or URL (s3://, gs://, http(s)://) of the data set; a URL is staged to `stage_dir` first."""
     index_dir: str | None = None
-    """Folder of the index written by `python -m launch data prepare` (only indexed images are read);
+    """Folder or URL of the index written by `python -m launch data prepare` (only indexed images are read);
     None: <root>/index."""
+    stage_dir: str = "~/.cache/resnet-train/datasets"
+    """Local folder (fast disk) that a data set at a URL is copied to, once per node, before training."""
+    loader: Literal["dali", "torch"] = "dali"
+    """dali: NVIDIA DALI decodes on the GPU (CPU threads without one); torch: the PIL DataLoader baseline."""
     batch_size: int = 256
     """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
     num_workers: int = 8
-    """Decoding processes per training worker."""
+    """Decoding threads (dali) or processes (torch) per training worker."""
     image_size: int = 224
     """Side of the square crops the model sees, in training and in validation."""
     min_crop_area: float = 0.08
@@ -211,10 +215,13 @@ class TrackingConfig:
 
     log_interval_steps: int = 50
     """Report loss, lr and images/s every this many steps (the only points where the loop syncs with the device)."""
+    enabled: bool = True
+    """Record the run in MLflow (extra `mlflow`), from the primary process."""
     uri: str | None = None
-    """MLflow tracking URI; None: a local store in the run directory. Not yet used by this version."""
+    """MLflow tracking URI (http://host:5000 for an `mlflow server`); None: sqlite:///<runs_dir>/mlflow.db with
+    artifacts in <runs_dir>/mlartifacts."""
     experiment: str = "resnet"
-    """MLflow experiment name. Not yet used by this version."""
+    """MLflow experiment the runs are grouped under."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
@@ -224,16 +231,35 @@ class TrackingConfig:
 class LaunchConfig:
     """How the job is started and where its outputs go."""
 
-    launcher: Literal["local"] = "local"
-    """local: one process on this machine. (Ray and torchrun arrive with orchestration.)"""
+    launcher: Literal["ray", "torchrun"] = "ray"
+    """ray: `num_workers` Ray Train workers on a Ray cluster (joined, or started on this machine), restarted
+    after failures; torchrun: this process, or each of the processes `torchrun` starts."""
     runs_dir: str = "runs"
-    """Folder holding one sub-folder per run (resolved config, checkpoints, logs)."""
+    """Folder holding one sub-folder per run (resolved config, metrics, summary, checkpoints); on a multi-node
+    Ray cluster it must be storage every node sees (a shared file system)."""
     name: str | None = None
     """Run name, the sub-folder under runs_dir; None: <model>-<UTC time>."""
+    num_workers: int = 1
+    """Ray: training processes (one per GPU on GPU clusters)."""
+    cpus_per_worker: float = 1.0
+    """Ray: CPUs reserved per worker, for the step and its data loading (DALI threads or DataLoader processes);
+    Ray also sets OMP_NUM_THREADS to it."""
+    gpus_per_worker: float = 0.0
+    """Ray: GPUs per worker (1 on GPU clusters; 0 trains on CPUs with gloo)."""
+    max_failures: int = 3
+    """Ray: worker-group failures (a dead process or node, a preemption) after which the run is restarted from
+    its latest checkpoint; one more ends the run with an error naming that checkpoint."""
+    ray_address: str | None = None
+    """Ray: the cluster to join ("auto", "host:6379", "ray://host:10001"); None: $RAY_ADDRESS if set, else a
+    new single-machine cluster bound to 127.0.0.1."""
 
     def __post_init__(self) -> None:
         _require(self.name is None or (self.name != "" and "/" not in self.name), "name", self.name,
                  "must be a non-empty folder name without '/'")
+        _require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        _require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

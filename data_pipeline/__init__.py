@@ -10,7 +10,8 @@ from typing import Protocol
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.index import DatasetError
+from data_pipeline.fs import is_remote
+from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.prepare import index_folder, read_index
 
 
@@ -18,7 +19,8 @@ __all__ = ["DatasetError", "Loader", "Loaders", "build_loaders", "prepare_datase
 
 
 class Loader(Protocol):
-    """One rank's batches of (NCHW float images, int64 labels), addressable by epoch and batch."""
+    """One rank's batches of (images, int64 labels), addressable by epoch and batch. Images are NCHW
+    channels-last tensors (NHWC in memory) of the loader's input dtype."""
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -45,52 +47,66 @@ class Loaders:
     """Images in the validation split."""
 
 
-def prepare_dataset(cfg: DataConfig) -> Path:
-    """The data set's root folder, rendering the built-in digits set there first if the config asks for it."""
+def prepare_dataset(cfg: DataConfig) -> tuple[Path, str | None]:
+    """The data set's local root folder and index folder (None: root/index): the built-in digits set is
+    rendered there first, a data set at a URL is staged to `cfg.stage_dir` first."""
     if cfg.dataset == "digits":
         from data_pipeline.digits import render_digits
 
-        return render_digits(cfg.root)
-    return Path(cfg.root)
+        return render_digits(cfg.root), cfg.index_dir
+    if is_remote(cfg.root) or (cfg.index_dir is not None and is_remote(cfg.index_dir)):
+        from data_pipeline.staging import stage_dataset
+
+        return stage_dataset(cfg.root, cfg.stage_dir, index_url=cfg.index_dir).root, None
+    return Path(cfg.root), cfg.index_dir
 
 
 def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
-                  device: torch.device | None = None) -> Loaders:
-    """Index the train and val splits and build rank `rank`'s loaders over them, delivering to `device`
-    (pinned host memory for a GPU; synthetic data is made there)."""
+                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Loaders:
+    """Index the train and val splits and build rank `rank`'s loaders over them, with images of `dtype`
+    for `device`: DALI decodes on that GPU (or CPU threads); the baseline fills pinned host memory for a
+    GPU; synthetic data is made there."""
     device = device or torch.device("cpu")
     if cfg.dataset == "synthetic":
-        return build_synthetic_loaders(cfg, seed=seed + rank, world_size=world_size, device=device)
-    from data_pipeline.torch_loader import build_torch_loader
-
-    pin_memory = device.type == "cuda"
-
-    root = prepare_dataset(cfg)
+        return build_synthetic_loaders(cfg, seed=seed + rank, world_size=world_size, device=device, dtype=dtype)
+    root, index_dir = prepare_dataset(cfg)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={cfg.root!r}: no such folder (expected train/ and val/ under it)")
     # Only indexed images are read: every one of them decoded when `data prepare` wrote the index.
-    folder = index_folder(root, cfg.index_dir)
+    folder = index_folder(root, index_dir)
     train_index = read_index(folder, root, "train")
     val_index = read_index(folder, root, "val")
+    if cfg.loader == "dali":
+        from data_pipeline.dali import DaliLoader
+
+        def build(index: SplitIndex, train: bool) -> Loader:
+            return DaliLoader(index, cfg, train=train, seed=seed, rank=rank, world_size=world_size, device=device,
+                              dtype=dtype)
+    else:
+        from data_pipeline.torch_loader import build_torch_loader
+
+        def build(index: SplitIndex, train: bool) -> Loader:
+            return build_torch_loader(index, cfg, train=train, seed=seed, rank=rank, world_size=world_size,
+                                      pin_memory=device.type == "cuda", dtype=dtype)
     return Loaders(
-        train=build_torch_loader(train_index, cfg, train=True, seed=seed, rank=rank, world_size=world_size,
-                                 pin_memory=pin_memory),
-        val=build_torch_loader(val_index, cfg, train=False, seed=seed, rank=rank, world_size=world_size,
-                               pin_memory=pin_memory),
+        train=build(train_index, True),
+        val=build(val_index, False),
         classes=train_index.classes,
         num_train_images=len(train_index.samples),
         num_val_images=len(val_index.samples),
     )
 
 
-def build_synthetic_loaders(cfg: DataConfig, *, seed: int, world_size: int, device: torch.device) -> Loaders:
+def build_synthetic_loaders(cfg: DataConfig, *, seed: int, world_size: int, device: torch.device,
+                            dtype: torch.dtype) -> Loaders:
     """Loaders of `data_pipeline.synthetic`: full global batches of the configured image count."""
     from data_pipeline.synthetic import SyntheticLoader
 
     global_batch_size = cfg.batch_size * world_size
     return Loaders(
-        train=SyntheticLoader(cfg, num_batches=cfg.synthetic_images // global_batch_size, seed=seed, device=device),
-        val=SyntheticLoader(cfg, num_batches=1, seed=seed, device=device),
+        train=SyntheticLoader(cfg, num_batches=cfg.synthetic_images // global_batch_size, seed=seed, device=device,
+                              dtype=dtype),
+        val=SyntheticLoader(cfg, num_batches=1, seed=seed, device=device, dtype=dtype),
         classes=tuple(f"class_{i}" for i in range(cfg.synthetic_classes)),
         num_train_images=cfg.synthetic_images,
         num_val_images=global_batch_size,

@@ -34,11 +34,11 @@ def render_digits(out: str | Path) -> Path:
     """
     from sklearn.datasets import load_digits
 
-    from data_pipeline.prepare import CLASSES_FILE, INDEX_FOLDER, prepare_index
+    from data_pipeline.prepare import INDEX_FOLDER, index_is_current, prepare_index
 
     out = Path(out)
     if (out / MARKER).is_file():
-        if not (out / INDEX_FOLDER / CLASSES_FILE).is_file():  # rendered by a version without indexes
+        if not index_is_current(out / INDEX_FOLDER):  # rendered by a version with another index format
             prepare_index(out, num_workers=1)
         return out
     if out.exists() and any(out.iterdir()):

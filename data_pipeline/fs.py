@@ -93,6 +93,14 @@ class FsspecStorage:
             self.fs.rm(full, recursive=True)
 
 
+def is_remote(url: str) -> bool:
+    """Whether `url` names anything but the local file system (a plain path or file:// is local)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    return not isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+
+
 def open_storage(url: str) -> Storage:
     """The storage for `url`: a path, `file://...`, `memory://...`, `s3://...`, `gs://...`."""
     return FsspecStorage(url)

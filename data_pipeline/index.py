@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
 class DatasetError(ValueError):
     """A data set that cannot be trained on as it is; the message names the folder or file."""
+
+
+class Sample(NamedTuple):
+    """One indexed image, as `data prepare` found it."""
+
+    path: str
+    """Path relative to the split folder: <class>/<file>."""
+    label: int
+    """Class id: the class folder's position in the sorted class list."""
+    width: int
+    """Width in pixels, as stored (EXIF orientation is not applied, as in torchvision's loaders)."""
+    height: int
+    """Height in pixels, as stored."""
+    num_bytes: int
+    """File size, which a staged copy must match."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,5 +34,5 @@ class SplitIndex:
     """The split's folder; sample paths are relative to it."""
     classes: tuple[str, ...]
     """Class folder names, sorted: label i is classes[i], as torchvision's ImageFolder numbers them."""
-    samples: tuple[tuple[str, int], ...]
-    """(path relative to root, label), sorted by path."""
+    samples: tuple[Sample, ...]
+    """The images, sorted by path."""

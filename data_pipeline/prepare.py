@@ -3,13 +3,16 @@ that training reads, so that a bad file can never abort a run mid-epoch.
 
 The index lives in `ROOT/index/` (or another folder): `classes.txt` (one class folder name per line, sorted:
 line i is label i, as torchvision's ImageFolder numbers them), `train.txt` and `val.txt` (one
-`<class>/<file> <label>` per line, the file-list format DALI's reader takes, paths relative to the split
-folder) and `excluded.txt` (`<split>/<class>/<file>\t<reason>` for every file left out). The files are
-written to temporaries and renamed, `classes.txt` last, whose presence marks a complete index.
+`<class>/<file> <label> <width> <height> <bytes>` per line, paths relative to the split folder: the size lets
+the loaders draw crop windows without opening the file, the byte count lets staging check a copy),
+`excluded.txt` (`<split>/<class>/<file>\t<reason>` for every file left out) and `index.json` (format
+version and counts). The files are written to temporaries and renamed, `index.json` last, whose presence
+marks a complete index.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -18,39 +21,43 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.index import DatasetError, SplitIndex
+from data_pipeline.index import DatasetError, Sample, SplitIndex
 
 SPLITS = ("train", "val")
 INDEX_FOLDER = "index"
 CLASSES_FILE = "classes.txt"
 EXCLUDED_FILE = "excluded.txt"
+MARKER_FILE = "index.json"
+FORMAT_VERSION = 2
+"""Version 1 had no image sizes."""
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedSplit:
     """What `prepare_index` found in one split."""
 
-    kept: tuple[tuple[str, int], ...]
-    """(class/file, label) of every image that decoded, sorted by path."""
+    kept: tuple[Sample, ...]
+    """Every image that decoded, sorted by path."""
     excluded: tuple[tuple[str, str], ...]
     """(class/file, reason) of every file left out."""
 
 
-def check_image(path: str) -> str | None:
-    """None if `path` decodes completely as an image (any mode PIL reads: CMYK, grayscale, PNG under a .JPEG
-    name, ...), else the reason it does not."""
+def check_image(path: str) -> tuple[int, int, int] | str:
+    """(width, height, bytes) if `path` decodes completely as an image (any mode PIL reads: CMYK, grayscale,
+    PNG under a .JPEG name, ...), else the reason it does not."""
     from PIL import Image
 
     try:
-        if os.path.getsize(path) == 0:
+        num_bytes = os.path.getsize(path)
+        if num_bytes == 0:
             return "empty file"
         with Image.open(path) as image:
             image.load()  # a full decode: a truncated file fails here, not at open
             if image.width < 1 or image.height < 1:
                 return "image has no pixels"
+            return image.width, image.height, num_bytes
     except Exception as error:  # PIL raises many types for undecodable data; the reason is what matters
         return f"not a decodable image: {type(error).__name__}: {error}"
-    return None
 
 
 def _class_files(split_folder: Path, classes: Iterable[str]) -> list[str]:
@@ -86,17 +93,18 @@ def prepare_index(root: str | Path, *, out: str | Path | None = None, num_worker
         for split, split_classes in (("train", classes), ("val", val_classes)):
             files = _class_files(root / split, split_classes)
             start = time.perf_counter()
-            kept: list[tuple[str, int]] = []
+            kept: list[Sample] = []
             excluded: list[tuple[str, str]] = []
             paths = [str(root / split / file) for file in files]
-            for done, (file, reason) in enumerate(zip(files, pool.map(check_image, paths, chunksize=64),
+            for done, (file, result) in enumerate(zip(files, pool.map(check_image, paths, chunksize=64),
                                                       strict=True), start=1):
-                if reason is None and any(ch.isspace() for ch in file):
-                    reason = "path contains whitespace, which the index's file-list format cannot hold"
-                if reason is None:
-                    kept.append((file, label_of[file.split("/", 1)[0]]))
+                if not isinstance(result, str) and any(ch.isspace() for ch in file):
+                    result = "path contains whitespace, which the index's line format cannot hold"
+                if isinstance(result, str):
+                    excluded.append((file, result))
                 else:
-                    excluded.append((file, reason))
+                    width, height, num_bytes = result
+                    kept.append(Sample(file, label_of[file.split("/", 1)[0]], width, height, num_bytes))
                 if done % progress_every == 0:
                     rate = done / (time.perf_counter() - start)
                     print(f"{split}: checked {done}/{len(files)} files ({rate:.0f}/s, "
@@ -116,12 +124,14 @@ def _write_text(path: Path, lines: Iterable[str]) -> None:
 
 def _write_index(out: Path, classes: list[str], splits: dict[str, PreparedSplit]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / CLASSES_FILE).unlink(missing_ok=True)  # the index is incomplete until classes.txt is back
+    (out / MARKER_FILE).unlink(missing_ok=True)  # the index is incomplete until the marker is back
     for split, prepared in splits.items():
-        _write_text(out / f"{split}.txt", (f"{file} {label}" for file, label in prepared.kept))
+        _write_text(out / f"{split}.txt", (" ".join(map(str, sample)) for sample in prepared.kept))
     _write_text(out / EXCLUDED_FILE, (f"{split}/{file}\t{reason}" for split, prepared in splits.items()
                                       for file, reason in prepared.excluded))
     _write_text(out / CLASSES_FILE, classes)
+    counts = {split: len(prepared.kept) for split, prepared in splits.items()}
+    _write_text(out / MARKER_FILE, [json.dumps({"format": FORMAT_VERSION, "classes": len(classes), **counts})])
 
 
 def index_folder(root: str | Path, index_dir: str | None) -> Path:
@@ -129,14 +139,23 @@ def index_folder(root: str | Path, index_dir: str | None) -> Path:
     return Path(index_dir) if index_dir is not None else Path(root) / INDEX_FOLDER
 
 
+def index_is_current(folder: Path) -> bool:
+    """Whether `folder` holds a complete index in this version's format."""
+    try:
+        return json.loads((folder / MARKER_FILE).read_text())["format"] == FORMAT_VERSION
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
 def read_index(folder: Path, root: Path, split: str) -> SplitIndex:
     """The `split` written by `prepare_index` into `folder`, with sample paths relative to `root/split`."""
-    if not (folder / CLASSES_FILE).is_file():
-        raise DatasetError(f"no complete index at {folder} ({CLASSES_FILE} missing): run "
+    if not index_is_current(folder):
+        state = "is from an older version" if (folder / MARKER_FILE).is_file() else f"has no {MARKER_FILE}"
+        raise DatasetError(f"no complete index at {folder} (it {state}): run "
                            f"`python -m launch data prepare {root}` first (training reads only indexed images)")
     classes = tuple((folder / CLASSES_FILE).read_text().splitlines())
     samples = []
     for line in (folder / f"{split}.txt").read_text().splitlines():
-        path, label = line.rsplit(" ", 1)
-        samples.append((path, int(label)))
+        path, label, width, height, num_bytes = line.split(" ")
+        samples.append(Sample(path, int(label), int(width), int(height), int(num_bytes)))
     return SplitIndex(root=root / split, classes=classes, samples=tuple(samples))

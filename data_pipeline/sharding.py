@@ -59,15 +59,20 @@ class ShardedBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        epoch = self.epoch
+        """The batches from the position `set_position` gave."""
+        return self.batches(self.epoch, self.start_batch)
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[list[SampleKey]]:
+        """This rank's batches of epoch `epoch` from batch `start_batch` on."""
+        assert 0 <= start_batch <= len(self)
         if self.train:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             order = torch.randperm(self.num_samples, generator=generator).tolist()
             global_batch = self.batch_size * self.world_size
-            for batch in range(self.start_batch, len(self)):
+            for batch in range(start_batch, len(self)):
                 start = batch * global_batch + self.rank * self.batch_size
                 yield [(i, sample_seed(self.seed, epoch, i)) for i in order[start:start + self.batch_size]]
         else:
             shard = list(range(self.rank, self.num_samples, self.world_size))
-            for batch in range(self.start_batch, len(self)):
+            for batch in range(start_batch, len(self)):
                 yield [(i, 0) for i in shard[batch * self.batch_size:(batch + 1) * self.batch_size]]

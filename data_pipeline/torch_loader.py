@@ -1,61 +1,56 @@
-"""The baseline loader: PIL decoding and torchvision transforms in DataLoader worker processes."""
+"""The baseline loader: PIL decoding, cropping and resizing in torch DataLoader worker processes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from configs.schema import DataConfig
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, train_crop, val_crop
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included) and transformed
-    with the random generator seeded by the sample's own key."""
+    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included), cropped as
+    `crops` says for the sample's key, resized to the model's input and normalised, as HWC tensors of `dtype`."""
 
-    def __init__(self, index: SplitIndex, transform: v2.Transform) -> None:
+    def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, dtype: torch.dtype) -> None:
         self.index = index
-        self.transform = transform
+        self.cfg = cfg
+        self.train = train
+        self.dtype = dtype
+        self.mean = torch.tensor(IMAGENET_MEAN) * 255
+        self.std = torch.tensor(IMAGENET_STD) * 255
 
     def __len__(self) -> int:
         return len(self.index.samples)
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:  # type: ignore[override]
         index, seed = key
-        path, label = self.index.samples[index]
-        with Image.open(self.index.root / path) as image, torch.random.fork_rng(devices=[]):
-            # fork_rng: the caller's generator is untouched (it is the trainer's when num_workers=0).
-            torch.manual_seed(seed)
-            return self.transform(image.convert("RGB")), label
+        sample = self.index.samples[index]
+        with Image.open(self.index.root / sample.path) as image:
+            crop = (train_crop(image.width, image.height, seed=seed, min_area=self.cfg.min_crop_area,
+                               flip=self.cfg.random_flip) if self.train
+                    else val_crop(image.width, image.height, crop_ratio=self.cfg.val_crop_ratio))
+            box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
+            size = (self.cfg.image_size, self.cfg.image_size)
+            # One resampling of the window (PIL filters with antialiasing when it shrinks).
+            resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box)
+        if crop.flip:
+            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
+        return ((pixels.float() - self.mean) / self.std).to(self.dtype), sample.label
 
 
-def train_transform(cfg: DataConfig) -> v2.Transform:
-    """Inception-style random-resized crop, optional flip, normalise."""
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0), antialias=True)]
-    if cfg.random_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*steps, *_to_normalized_tensor()])
-
-
-def val_transform(cfg: DataConfig) -> v2.Transform:
-    """Shorter side to image_size / val_crop_ratio, centre crop, normalise."""
-    return v2.Compose([
-        v2.Resize(round(cfg.image_size / cfg.val_crop_ratio), antialias=True),
-        v2.CenterCrop(cfg.image_size),
-        *_to_normalized_tensor(),
-    ])
-
-
-def _to_normalized_tensor() -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def collate_channels_last(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack HWC images into one NHWC buffer and view it as NCHW: a channels-last batch with no extra copy."""
+    images = torch.stack([image for image, _ in samples]).permute(0, 3, 1, 2)
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
 class TorchLoader:
@@ -75,17 +70,22 @@ class TorchLoader:
 
 
 def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, rank: int, world_size: int,
-                       pin_memory: bool) -> TorchLoader:
+                       pin_memory: bool, dtype: torch.dtype) -> TorchLoader:
     """This rank's loader over `index`: shuffled per epoch and dropping the last partial global batch when
-    training; in order and keeping every image exactly once otherwise (see `sharding`)."""
-    dataset = ImageDataset(index, train_transform(cfg) if train else val_transform(cfg))
+    training; in order and keeping every image exactly once otherwise (see `sharding`). Batches are
+    channels-last `dtype` images and int64 labels."""
+    dataset = ImageDataset(index, cfg, train=train, dtype=dtype)
     sampler = ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank, world_size=world_size,
                                   seed=seed, train=train)
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,
+        collate_fn=collate_channels_last,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+        # Workers start from a clean server process, not a fork of this one: a fork copies none of the
+        # threads of DALI, CUDA or the process group, and a library waiting on one of them hangs or crashes.
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
         pin_memory=pin_memory,
         # Each new iterator draws a base seed for its workers; from a private generator, the trainer's global
         # generators stay untouched (augmentation is seeded per sample and does not use that seed at all).

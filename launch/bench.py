@@ -1,10 +1,16 @@
-"""`python -m launch bench step`: the engine's training step against a bare PyTorch loop, side by side.
+"""`python -m launch bench step|data`: throughput of the training step and of the data loaders.
+
+`bench step`: the engine's training step against a bare PyTorch loop, side by side.
 
 Both run the same model, optimizer, precision and synthetic device-resident batches in this process,
 alternating round by round so that drifting clocks and thermals hit both alike. The bare loop is what
 one would write by hand: autocast forward, loss, backward, optimizer step. The engine is `trainer.run`
 itself, with everything a real run has (schedule, non-finite bookkeeping, reports, EMA if configured)
 except data loading and checkpoints; its images/s is the one its own report prints.
+
+`bench data`: the DALI pipeline (CPU threads; and the mixed GPU decoder when there is a GPU) against the
+baseline DataLoader with as many worker processes as DALI has threads, over the same JPEG files with the
+same training crops, alternating round by round.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from configs.schema import RunConfig
+from configs.schema import DataConfig, RunConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +120,9 @@ class _LastReport:
         if "images_per_s" in metrics:
             self.images_per_s = metrics["images_per_s"]
 
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
+
 
 def engine_images_per_s(cfg: RunConfig, *, steps: int) -> float:
     """Images/s that `trainer.run` reports for its second epoch of `steps` steps (the first warms up)."""
@@ -153,3 +164,169 @@ def bench_step(cfg: RunConfig, *, steps: int, rounds: int) -> StepBench:
         bare_images_per_s=bare, engine_images_per_s=engine,
         training_gflops_per_image=training_flops_per_image(build_model(cfg.model), cfg.data.image_size) / 1e9,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DataBench:
+    """Images/s that each loader delivered over whole training epochs of the same files, per round."""
+
+    num_images: int
+    image_size: int
+    batch_size: int
+    num_workers: int
+    """DataLoader processes for the baseline, DALI CPU threads for DALI."""
+    dtype: str
+    source: str
+    """Where the JPEG files came from."""
+    images_per_s: dict[str, list[float]]
+    """Variant ('torch', 'dali-cpu', 'dali-mixed' on a GPU) -> images/s of each timed round."""
+
+    def ratio(self, variant: str) -> float:
+        """Median images/s of `variant` over the baseline's."""
+        return statistics.median(self.images_per_s[variant]) / statistics.median(self.images_per_s["torch"])
+
+    def as_json(self) -> str:
+        """One machine-readable line."""
+        record = dataclasses.asdict(self)
+        record["over_torch"] = {variant: self.ratio(variant) for variant in self.images_per_s}
+        return json.dumps(record)
+
+    def table(self) -> str:
+        """The human-readable report."""
+        rows = [f"bench data: {self.num_images} images ({self.source}) -> {self.image_size}px {self.dtype}, "
+                f"batch {self.batch_size}, {self.num_workers} workers/threads, training crops",
+                f"{'loader':<10} {'images/s (median)':>18} {'rounds':>30} {'/ torch':>8}"]
+        for variant, values in self.images_per_s.items():
+            rounds = " ".join(f"{v:.0f}" for v in values)
+            rows.append(f"{variant:<10} {statistics.median(values):>18.1f} {rounds:>30} {self.ratio(variant):>8.2f}")
+        return "\n".join(rows)
+
+
+def write_photo_like_jpegs(root: Path, *, num_images: int, size: tuple[int, int] = (500, 375), quality: int = 90,
+                           num_classes: int = 10, seed: int = 0) -> None:
+    """`num_images` JPEGs of `size` at `quality` in an ImageNet-layout tree (train/ and a one-image-per-class
+    val/), with smooth colour fields plus grain, so they compress like photographs (about 60-120 kB at
+    500x375, quality 90), not like flat colour or white noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for i in range(num_images + num_classes):
+        split, label = ("train", i % num_classes) if i < num_images else ("val", i - num_images)
+        coarse = Image.fromarray(rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+        folder = root / split / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.JPEG",
+                                                                               quality=quality)
+
+
+def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str) -> DataBench:
+    """Time whole training epochs of each loader variant over the indexed data set at `cfg.root`, alternating
+    variants round by round after one untimed warm-up epoch each (worker start-up, pipeline build)."""
+    from data_pipeline import build_loaders
+
+    device_of = {"torch": torch.device("cpu"), "dali-cpu": torch.device("cpu"), "dali-mixed": torch.device("cuda")}
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    loaders = {}
+    for variant in variants:
+        loader_cfg = dataclasses.replace(cfg, loader="torch" if variant == "torch" else "dali")
+        loaders[variant] = build_loaders(loader_cfg, seed=0, device=device_of[variant], dtype=dtype)
+    images_per_s: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_ in range(rounds + 1):
+        for variant, built in loaders.items():
+            device = device_of[variant]
+            start = time.perf_counter()
+            images = 0
+            for batch, _ in built.train.iter_epoch(round_):
+                images += batch.shape[0]
+            synchronize(device)
+            if round_ > 0:
+                images_per_s[variant].append(images / (time.perf_counter() - start))
+    return DataBench(num_images=built.num_train_images, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                     num_workers=cfg.num_workers, dtype=str(dtype).removeprefix("torch."), source=source,
+                     images_per_s=images_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchBench:
+    """Seconds measured for one small 2-worker run under each launcher."""
+
+    workers: int
+    torchrun_first_step_s: float
+    """From starting `torchrun` to the first step's report in metrics.jsonl."""
+    ray_first_step_s: float
+    """From starting `python -m launch train` (a new local Ray cluster) to the first step's report."""
+    ray_restart_s: float
+    """From SIGKILL to one Ray worker to the first report of a step after the resumed checkpoint."""
+
+    def as_json(self) -> str:
+        """One machine-readable line."""
+        return json.dumps(dataclasses.asdict(self))
+
+    def table(self) -> str:
+        """The human-readable report."""
+        return "\n".join([
+            f"bench launch: {self.workers} CPU workers, DDP over gloo, digits at 8 px",
+            f"{'launcher':<10} {'start to first step (s)':>24} {'worker death to resumed step (s)':>34}",
+            f"{'torchrun':<10} {self.torchrun_first_step_s:>24.1f} {'-':>34}",
+            f"{'ray':<10} {self.ray_first_step_s:>24.1f} {self.ray_restart_s:>34.1f}",
+        ])
+
+
+def bench_launch(*, data_root: str, scratch: Path, workers: int = 2) -> LaunchBench:
+    """Start the same small run with torchrun and with Ray (new local cluster); under Ray, kill one worker
+    after step 5 and time the restart. Every step is reported (tracking.log_interval_steps=1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    common = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32", "data.num_workers=1",
+              "distributed.strategy=ddp", f"launch.num_workers={workers}", "tracking.log_interval_steps=1",
+              "checkpoint.interval_steps=5", f"launch.runs_dir={scratch}"]
+
+    def reports(name: str) -> list[dict[str, float]]:
+        path = scratch / name / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [record for record in map(json.loads, lines) if "loss" in record]
+
+    def wait_for(name: str, condition: Any, timeout_s: float = 600) -> dict[str, float]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [record for record in reports(name) if condition(record)]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"bench launch: run {name} reported nothing in {timeout_s} s")
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    start = time.time()
+    process = subprocess.Popen([str(torchrun), "--nproc-per-node", str(workers), "-m", "launch", "train",
+                                "--launcher", "torchrun", *common, "launch.name=torchrun"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun_first = wait_for("torchrun", lambda r: True)["time"] - start
+    process.wait(timeout=600)  # a short run: let it finish rather than orphan its workers
+
+    start = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "launch", "train", "--launcher", "ray", *common,
+                                "launch.name=ray", "launch.max_failures=1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ray_first = wait_for("ray", lambda r: True)["time"] - start
+        wait_for("ray", lambda r: r["step"] >= 6)  # checkpoint 5 is committed
+        worker = next(p for p in psutil.process_iter(["cmdline"])
+                      if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        killed = time.time()
+        os.kill(worker.pid, signal.SIGKILL)
+        resumed = wait_for("ray", lambda r: r["time"] > killed)
+        ray_restart = resumed["time"] - killed
+    finally:
+        process.wait(timeout=600)
+    return LaunchBench(workers=workers, torchrun_first_step_s=torchrun_first, ray_first_step_s=ray_first,
+                       ray_restart_s=ray_restart)

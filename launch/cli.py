@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from configs.loader import ConfigError, dump_config, load_config
+from configs.schema import RunConfig
 
 DEFAULT_CONFIG = "quickstart"
 """The recipe `train` runs when no --config is given: the embedded defaults a new user starts from."""
@@ -20,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a config and overrides")
     train.add_argument("--config", default=DEFAULT_CONFIG,
                        help=f"YAML recipe: a path, or the name of one in configs/ (default: {DEFAULT_CONFIG})")
+    train.add_argument("--launcher", choices=["ray", "torchrun"], default=None,
+                       help="ray (default): Ray Train workers, restarted after failures; torchrun: this process, or "
+                            "each process torchrun starts (sets launch.launcher)")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue a run from its latest checkpoint: its name under launch.runs_dir, 'latest', "
+                            "or its folder (its saved config is used; overrides apply on top); or a checkpoint "
+                            "URL to start a new run from")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="dotted overrides applied after the file, e.g. optim.lr=0.4 data.batch_size=128")
@@ -33,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--rounds", type=int, default=3, help="alternating rounds of both variants (default: 3)")
     step.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     step.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
+    data_bench = bench_commands.add_parser(
+        "data", help="images/s of the DALI pipeline against the baseline DataLoader on the same JPEG files")
+    data_bench.add_argument("--root", default=None,
+                            help="an indexed ImageNet-layout tree to read (default: generate --images JPEGs)")
+    data_bench.add_argument("--images", type=int, default=1024,
+                            help="generated training images, 500x375 px at quality 90 (default: 1024)")
+    data_bench.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    data_bench.add_argument("--num-workers", type=int, default=2,
+                            help="DataLoader processes and DALI threads, the same for both (default: 2)")
+    data_bench.add_argument("--image-size", type=int, default=224, help="crop side in pixels (default: 224)")
+    data_bench.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (default: 3)")
+    data_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+
+    launch_bench = bench_commands.add_parser(
+        "launch", help="time to first step under torchrun and Ray, and Ray's restart latency after a worker dies")
+    launch_bench.add_argument("--workers", type=int, default=2, help="training processes (default: 2)")
+    launch_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
     data = commands.add_parser("data", help="prepare data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -50,29 +78,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m launch` and the `resnet-train` console script.
 
     Exit status: 0 done, 2 bad input (config, data, paths), 3 training diverged (non-finite losses),
-    75 preempted by SIGTERM after a checkpoint (requeue to resume).
+    4 failed more often than launch.max_failures allows (Ray), 75 preempted by SIGTERM after a checkpoint
+    (requeue to resume).
     """
     from data_pipeline import DatasetError
+    from launch.errors import RunFailed
     from trainer.loop import TrainingDiverged
     from trainer.preempt import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            cfg = load_config(args.config, args.overrides)
+            overrides = [*args.overrides, *([f"launch.launcher={args.launcher}"] if args.launcher else [])]
+            cfg = load_config(args.config, overrides)
+            resume = False
+            if args.resume is not None:
+                cfg, resume = _resumed_config(cfg, args.resume, overrides)
             if args.print_config:
                 print(dump_config(cfg), end="")
                 return 0
-            from launch.local import run_local
+            if cfg.launch.launcher == "ray":
+                from launch.ray_launcher import run_ray
 
-            run_local(cfg)
-        elif args.command == "bench":
+                if "TORCHELASTIC_RUN_ID" in os.environ:
+                    raise ConfigError("started by torchrun with launch.launcher='ray': add --launcher torchrun")
+
+                run_ray(cfg, resume=resume)
+            else:
+                from launch.local import run_local
+
+                run_local(cfg, resume=resume)
+        elif args.command == "bench" and args.bench_command == "step":
             from launch.bench import bench_step
 
             if args.steps < 1 or args.rounds < 1:
                 raise ConfigError(f"--steps={args.steps} and --rounds={args.rounds} must both be >= 1")
             result = bench_step(load_config(args.config, args.overrides), steps=args.steps, rounds=args.rounds)
             print(result.as_json() if args.json else result.table())
+        elif args.command == "bench" and args.bench_command == "launch":
+            import tempfile
+
+            from data_pipeline.digits import render_digits
+            from launch.bench import bench_launch
+
+            with tempfile.TemporaryDirectory(prefix="bench-launch-") as scratch:
+                digits = render_digits(Path(scratch) / "digits")
+                launched = bench_launch(data_root=str(digits), scratch=Path(scratch) / "runs", workers=args.workers)
+            print(launched.as_json() if args.json else launched.table())
+        elif args.command == "bench":
+            from launch.data import bench_data_command
+
+            print(bench_data_command(root=args.root, num_images=args.images, batch_size=args.batch_size,
+                                     num_workers=args.num_workers, image_size=args.image_size, rounds=args.rounds,
+                                     as_json=args.json))
         elif args.command == "data":
             from launch.data import prepare_command, render_digits_command
 
@@ -86,7 +144,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
+    except RunFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 4
     except Preempted as error:
         print(f"preempted: {error}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def _resumed_config(cfg: RunConfig, which: str, overrides: Sequence[str]) -> tuple[RunConfig, bool]:
+    """The config to continue run `which` with, and whether it continues an existing run folder (False: a new
+    run that starts from the checkpoints at URL `which`)."""
+    from launch.rundir import find_run
+
+    run_dir = find_run(cfg.launch.runs_dir, which)
+    if run_dir is not None:
+        return load_config(run_dir / "config.yaml", overrides), True
+    from data_pipeline.fs import open_storage
+    from trainer.checkpoint import CheckpointManager
+
+    if CheckpointManager(open_storage(which), keep_last=1).latest() is None:
+        raise FileNotFoundError(f"--resume {which}: not a run under {cfg.launch.runs_dir}, not a run folder, and no "
+                                "committed checkpoint there")
+    return _with_checkpoint_url(cfg, which), False
+
+
+def _with_checkpoint_url(cfg: RunConfig, url: str) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, url=url))

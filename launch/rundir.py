@@ -12,23 +12,54 @@ from configs.loader import dump_config
 from configs.schema import RunConfig
 
 
-def create_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """Make `<runs_dir>/<name>/` and save the resolved config there as config.yaml.
+def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Path]:
+    """The run folder `<runs_dir>/<name>/` and the config to run in it, with every local path absolute (Ray
+    workers and torchrun processes may start in other working directories).
 
-    Returns the config with launch.name and checkpoint.url filled in (a generated name when none was set;
-    checkpoints under the run folder when no URL was set) and the folder,
-    as an absolute path so that workers in other working directories find it.
+    A new run (`resume=False`) gets a generated name when none was set, checkpoints under its folder when
+    no checkpoint.url was set, and its resolved config saved as config.yaml; an existing folder is refused,
+    so that a name is never reused by accident. `resume=True` continues the existing folder of `cfg`'s name
+    (whose config.yaml the caller loaded).
     """
     name = cfg.launch.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     run_dir = Path(cfg.launch.runs_dir).resolve() / name
-    if run_dir.exists():
-        raise FileExistsError(f"run folder {run_dir} already exists: choose another launch.name")
-    run_dir.mkdir(parents=True)
-    checkpoint_url = cfg.checkpoint.url or str(run_dir / "checkpoints")
-    cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, name=name),
-                              checkpoint=dataclasses.replace(cfg.checkpoint, url=checkpoint_url))
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no run to resume at {run_dir} (config.yaml missing)")
+    if not resume and run_dir.exists():
+        raise FileExistsError(f"run folder {run_dir} already exists: choose another launch.name, or continue it "
+                              f"with --resume {name}")
+    checkpoint_url = _absolute(cfg.checkpoint.url or str(run_dir / "checkpoints"))
+    cfg = dataclasses.replace(
+        cfg,
+        launch=dataclasses.replace(cfg.launch, name=name, runs_dir=str(run_dir.parent)),
+        data=dataclasses.replace(cfg.data, root=_absolute(cfg.data.root),
+                                 index_dir=_absolute(cfg.data.index_dir) if cfg.data.index_dir else None),
+        checkpoint=dataclasses.replace(cfg.checkpoint, url=checkpoint_url),
+    )
+    if not resume:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     return cfg, run_dir
+
+
+def find_run(runs_dir: str, which: str) -> Path | None:
+    """The folder of run `which`: a run name under `runs_dir`, "latest" (the newest run there) or a run
+    folder's path; None if `which` is none of these (it may then be a checkpoint URL)."""
+    runs = Path(runs_dir)
+    if which == "latest":
+        folders = [p.parent for p in runs.glob("*/config.yaml")]
+        if not folders:
+            raise FileNotFoundError(f"--resume latest: no runs under {runs.resolve()}")
+        return max(folders, key=lambda folder: (folder / "config.yaml").stat().st_mtime)
+    for candidate in (runs / which, Path(which)):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def _absolute(path_or_url: str) -> str:
+    """A local path made absolute; URLs (anything with '://') unchanged."""
+    return path_or_url if "://" in path_or_url else str(Path(path_or_url).expanduser().resolve())
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
@@ -36,3 +67,21 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A two-column table of the numbers a user looks at first."""
+    rows = [
+        ("model", summary["model"]),
+        ("device", f"{summary['device']} x {summary['world_size']}"),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("train images/s", f"{summary['images_per_s']:.1f}"),
+        ("train time", f"{summary['train_time_s']:.1f} s (wall {summary['wall_time_s']:.1f} s)"),
+        ("val top-1", f"{100 * summary['val_top1']:.2f}% of {int(summary['val_images'])} images"),
+        ("val top-5", f"{100 * summary['val_top5']:.2f}%"),
+        ("val loss", f"{summary['val_loss']:.4f}"),
+        ("checkpoint", summary["checkpoint_url"]),
+        ("run folder", summary["run_dir"]),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -34,6 +34,9 @@ class CrashAt:
         if step == self.step and "loss" in metrics:
             raise Interrupt
 
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
+
 
 class SigtermAt:
     """A sink that sends SIGTERM to its own process when the training report of `step` arrives."""
@@ -44,6 +47,9 @@ class SigtermAt:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if step == self.step and "loss" in metrics:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
 
 
 def _worker(rank: int, world_size: int, port: int, cfg: RunConfig, crash_at: int | None,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from configs.loader import ConfigError
-from configs.schema import DistributedConfig, RunConfig, TrackingConfig
+from configs.schema import DistributedConfig, RunConfig
 from data_pipeline import build_loaders
 from data_pipeline.fs import open_storage
 from trainer.checkpoint import CheckpointManager
@@ -30,9 +30,10 @@ __all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
 
 def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainResult:
     """Train and evaluate the configured model on this process's share of the job."""
-    _warn_unused(cfg)
     seed_everything(cfg.seed)
-    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    precision = resolve_precision(cfg.precision, ctx.device)
+    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                            dtype=precision.input_dtype)
     if len(loaders.classes) != cfg.model.num_classes:
         source = ("data.synthetic_classes" if cfg.data.dataset == "synthetic"
                   else f"the data set at data.root={cfg.data.root!r}")
@@ -49,7 +50,6 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     model = apply_device_and_layout(build_model(cfg.model), ctx.device, channels_last=channels_last_weights)
     if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    precision = resolve_precision(cfg.precision, ctx.device)
     global_batch_size = cfg.data.batch_size * ctx.world_size * cfg.optim.accumulation_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     optimizer = build_optimizer(model, cfg.optim, peak_lr)
@@ -101,11 +101,3 @@ def check_distributed(cfg: RunConfig, ctx: DistContext) -> None:
                               "use ddp to compile")
     if strategy != "deepspeed" and cfg.distributed.zero_stage != DistributedConfig().zero_stage:
         warnings.warn(f"distributed.zero_stage has no effect with distributed.strategy={strategy!r}", stacklevel=3)
-
-
-def _warn_unused(cfg: RunConfig) -> None:
-    """MLflow tracking is validated but not built yet: say so if the config sets it."""
-    default = TrackingConfig()
-    if (cfg.tracking.uri, cfg.tracking.experiment) != (default.uri, default.experiment):
-        warnings.warn("tracking.uri/experiment are set but this version has no MLflow tracking yet; "
-                      "they have no effect", stacklevel=2)

@@ -95,6 +95,8 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
         meta = checkpoint_meta(cfg, step=step, steps_per_epoch=steps_per_epoch,
                                global_batch_size=global_batch_size, world_size=ctx.world_size, val=val)
         save_state(checkpoints, step, strategy, ema, ctx, meta=meta)
+        for sink in sinks:
+            sink.on_checkpoint(step, checkpoints.url(step))
 
     def to_device(batch: Batch) -> Batch:
         images, labels = batch

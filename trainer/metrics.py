@@ -10,10 +10,14 @@ from typing import Protocol, TextIO
 
 
 class MetricSink(Protocol):
-    """Receives metrics keyed by name at a global optimiser step."""
+    """Receives metrics keyed by name at a global optimiser step, and news of committed checkpoints."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record `metrics` as measured at `step`."""
+        ...
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        """Checkpoint `step` is committed at `url` (called on every rank that has the sink, at the same steps)."""
         ...
 
 
@@ -45,6 +49,10 @@ class ConsoleSink:
                 parts.append(f"{name} {value:.4g}")
         print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
 
+    def on_checkpoint(self, step: int, url: str) -> None:
+        """Print where checkpoint `step` went."""
+        print(f"step {step} | checkpoint {url}", file=self.stream or sys.stdout, flush=True)
+
 
 def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -55,13 +63,23 @@ def _format_duration(seconds: float) -> str:
 class JsonLinesSink:
     """Appends one JSON object per report to a file: {"step", "time" (Unix seconds), **metrics}.
 
-    Appending keeps the lines of an earlier attempt when a run resumes into the same folder.
+    A run that resumes into the same folder passes the step it resumes from: lines of later steps, written
+    by the attempt that died after that checkpoint, are dropped, so that every step appears once.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, resume_step: int = 0) -> None:
         self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            temporary = path.with_name(f"{path.name}.tmp")
+            temporary.write_text("".join(kept))
+            temporary.replace(path)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Append `metrics` at `step` as one line."""
         with self.path.open("a") as file:
             file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        """Nothing: checkpoints are listed in their own folder."""

@@ -27,6 +27,12 @@ class Precision:
         """The autocast compute type."""
         return DTYPES[self.name]
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What the loaders deliver images in: half precision for mixed precision (autocast casts fp16 inputs
+        to bf16 where needed; DALI has no bf16 output), fp32 otherwise."""
+        return torch.float32 if self.name == "fp32" else torch.float16
+
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """Mixed-precision context for the forward pass and loss (a no-op for fp32)."""
         if self.name == "fp32":

@@ -90,5 +90,6 @@ def test_labels_match_torchvision_image_folder(digits_root: Path) -> None:
     ours = read_index(digits_root / "index", digits_root, "train")
     theirs = ImageFolder(str(digits_root / "train"))
     assert list(ours.classes) == theirs.classes
-    assert [(str(ours.root / p), label) for p, label in ours.samples] == theirs.samples
-    assert Counter(label for _, label in ours.samples) == Counter(theirs.targets)
+    assert [(str(ours.root / s.path), s.label) for s in ours.samples] == theirs.samples
+    assert Counter(s.label for s in ours.samples) == Counter(theirs.targets)
+    assert {(s.width, s.height) for s in ours.samples} == {(32, 32)}

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from configs.schema import DataConfig
@@ -54,20 +55,27 @@ def test_quirky_images_are_kept_and_broken_files_are_reported(tmp_path: Path,
     assert "train: 7 images in 2 classes, 4 files left out" in out and "val: 2 images in 2 classes" in out
     index = tmp_path / "index"
     assert (index / "classes.txt").read_text() == "a\nb\n"
-    assert (index / "train.txt").read_text().splitlines() == [
-        "a/cmyk.JPEG 0", "a/gray.JPEG 0", "a/panorama.JPEG 0", "a/png_inside.JPEG 0", "a/rgb.JPEG 0",
-        "a/tiny.JPEG 0", "b/rgb.JPEG 1"]
+    lines = [line.split(" ") for line in (index / "train.txt").read_text().splitlines()]
+    assert [(path, label, width, height) for path, label, width, height, _ in lines] == [
+        ("a/cmyk.JPEG", "0", "40", "30"), ("a/gray.JPEG", "0", "40", "30"), ("a/panorama.JPEG", "0", "600", "3"),
+        ("a/png_inside.JPEG", "0", "20", "20"), ("a/rgb.JPEG", "0", "40", "30"), ("a/tiny.JPEG", "0", "1", "1"),
+        ("b/rgb.JPEG", "1", "40", "30")]
+    assert all(int(num_bytes) == (tmp_path / "train" / path).stat().st_size for path, *_, num_bytes in lines)
     reasons = dict(line.split("\t") for line in (index / "excluded.txt").read_text().splitlines())
     assert set(reasons) == {"train/a/.DS_Store", "train/a/empty.JPEG", "train/a/notes.JPEG",
                             "train/a/truncated.JPEG"}
     assert reasons["train/a/empty.JPEG"] == "empty file"
     assert reasons["train/a/truncated.JPEG"].startswith("not a decodable image: OSError")
 
-    # Training reads the index only: every image it names decodes, in every mode, to a 3-channel tensor.
-    cfg = DataConfig(dataset="folder", root=str(tmp_path), batch_size=7, num_workers=0, image_size=16)
-    loaders = build_loaders(cfg, seed=0)
-    images, labels = next(loaders.train.iter_epoch(0))
-    assert images.shape == (7, 3, 16, 16) and sorted(labels.tolist()) == [0] * 6 + [1]
+    # Training reads the index only: every image it names decodes, in every mode, to a 3-channel tensor,
+    # with either loader.
+    for loader in ("torch", "dali"):
+        cfg = DataConfig(dataset="folder", root=str(tmp_path), batch_size=7, num_workers=1, image_size=16,
+                         loader=loader)
+        loaders = build_loaders(cfg, seed=0)
+        images, labels = next(loaders.train.iter_epoch(0))
+        assert images.shape == (7, 3, 16, 16) and sorted(labels.tolist()) == [0] * 6 + [1]
+        assert torch.isfinite(images).all()
 
 
 def test_missing_root_split_and_foreign_val_class_are_clear_errors(tmp_path: Path, digits_root: Path) -> None:

@@ -1,4 +1,5 @@
-"""The quickstart as a user runs it: `python -m launch train` on the embedded defaults, in a fresh process."""
+"""The quickstart as a user runs it: `python -m launch train` on the embedded defaults, in a fresh process
+(2 Ray workers on a local Ray cluster)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_quickstart_trains_saves_its_config_and_prints_accuracy(tmp_path: Path, 
     assert summary["images_per_s"] > 0
     assert summary["checkpoint_url"] == str(checkpoints / "step_000000090")
     assert sorted(p.name for p in Path(summary["checkpoint_url"]).iterdir()) == [
-        "manifest.json", "model.pt", "rank_0.pt", "train_state.pt"]
+        "manifest.json", "model.pt", "rank_0.pt", "rank_1.pt", "train_state.pt"]
     # One epoch of ResNet-18 on digits; chance is 10%.
     assert summary["val_top1"] > 0.3
     assert f"{100 * summary['val_top1']:.2f}%" in out

@@ -1,4 +1,4 @@
-"""`python -m launch bench step`: both variants run on synthetic data and the ratio is theirs."""
+"""`python -m launch bench step` and `bench data`: every variant runs and the ratios are theirs."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ def test_bench_step_table_and_bad_arguments(capsys: pytest.CaptureFixture[str]) 
     assert "bare" in out and "engine" in out and "engine / bare:" in out
     assert main(["bench", "step", "--steps", "0"]) == 2
     assert "--steps=0" in capsys.readouterr().err
+
+
+def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "data", "--images", "16", "--batch-size", "4", "--image-size", "32", "--rounds", "2",
+                 "--num-workers", "1", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert record["num_images"] == 16 and record["source"].startswith("generated 500x375 q90")
+    assert set(record["images_per_s"]) == {"torch", "dali-cpu"}
+    assert all(len(values) == 2 and min(values) > 0 for values in record["images_per_s"].values())
+    assert record["over_torch"]["dali-cpu"] == pytest.approx(
+        statistics.median(record["images_per_s"]["dali-cpu"]) / statistics.median(record["images_per_s"]["torch"]))
+    assert main(["bench", "data", "--rounds", "0"]) == 2

@@ -62,9 +62,12 @@ def test_zero_trains_exactly_like_ddp_and_evaluates_exactly(stage: int, digits_r
     partitions = {f"deepspeed.zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} if stage else set()
     assert files == {"model.pt", "rank_0.pt", "rank_1.pt", "deepspeed.mp_rank_00_model_states.pt", *partitions}
     assert weights.keys() == ddp_weights.keys()
-    # Within rounding, not bitwise: ZeRO reduces and updates flat buffers, DDP per-bucket views of each tensor.
+    # Within rounding, not bitwise: ZeRO reduces and updates flat buffers, DDP per-bucket views of each tensor,
+    # and 22 steps of BatchNorm carry last-bit differences into a few statistics at the 1e-5 level. A wrong
+    # update (a gradient not averaged, a partition not applied) moves weights by lr x gradient, far more.
     for key, value in weights.items():
-        torch.testing.assert_close(value, ddp_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(value, ddp_weights[key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda message, key=key: f"{key}: {message}")
 
     # Every rank evaluated with rank 0's BatchNorm statistics, which are also the saved ones: DeepSpeed never
     # syncs them by itself, and a rank using its own would shift the numbers below.

@@ -154,6 +154,9 @@ class DrawAtReports:
         if "loss" in metrics:
             self.draws[step] = (torch.rand(()).item(), float(np.random.rand()), random.random())
 
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
+
 
 @pytest.mark.parametrize("restore", [True, False], ids=["restored", "negative-control-not-restored"])
 def test_every_generator_continues_where_the_checkpoint_left_it(digits_root: Path, tmp_path: Path,

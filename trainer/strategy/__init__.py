@@ -58,8 +58,10 @@ class Strategy(Protocol):
 def build_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    cfg: DistributedConfig, ctx: DistContext, *, micro_batch_size: int,
                    accumulation_steps: int) -> Strategy:
-    """Wrap `model` (already on its device, in its memory format, maybe compiled) for `cfg.strategy`."""
-    if cfg.strategy == "ddp":
+    """Wrap `model` (already on its device, in its memory format, maybe compiled) for `cfg.strategy`. DDP of one
+    process is the single-process strategy (the same arithmetic, no process group needed), so that a recipe
+    for N workers also runs with one."""
+    if cfg.strategy == "ddp" and ctx.world_size > 1:
         from trainer.strategy.ddp import DDPStrategy
 
         return DDPStrategy(model, optimizer, scaler, cfg, ctx)

@@ -1,0 +1,157 @@
+"""The DALI loader: JPEG decoding, cropping, resizing and normalisation in a DALI pipeline, on the GPU
+("mixed" decoder: nvJPEG, and the hardware JPEG decoder where the GPU has one) or on CPU threads.
+
+The one module that imports DALI (`pip install 'resnet-train[dali]'`).
+
+Which files each batch holds comes from `sharding.ShardedBatchSampler` and where each is cropped from
+`augment.train_crop`, both pure functions of (seed, epoch, sample); the pipeline gets them through an
+external source instead of DALI's file reader and random-crop operator. That is the resume mechanism:
+`iter_epoch(epoch, start_batch)` reproduces any position of any epoch without replaying or checkpointing
+reader and generator state, for any world size, and the baseline loader sees the very same samples and
+windows. DALI still decodes only the window (`decoders.image_slice`, ROI decoding) as
+`decoders.image_random_crop` would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from configs.schema import DataConfig
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, train_crop, val_crop
+from data_pipeline.index import DatasetError, SplitIndex
+from data_pipeline.sharding import SampleKey, ShardedBatchSampler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _import_dali() -> Any:
+    """The `nvidia.dali` package (typed loosely: its stubs do not describe its generated operators)."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn
+        import nvidia.dali.types  # noqa: F401
+    except ImportError as error:
+        raise ImportError("data.loader='dali' needs NVIDIA DALI: install the extra dali "
+                          "(pip install 'resnet-train[dali]'), or set data.loader=torch") from error
+    return dali
+
+
+class DaliLoader:
+    """One rank's batches from a DALI pipeline: NCHW channels-last views of NHWC `dtype` images on `device`,
+    and int64 labels on the host."""
+
+    def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, rank: int,
+                 world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.train = train
+        self.device = device
+        self.dtype = dtype
+        self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
+                                           world_size=world_size, seed=seed, train=train)
+        self._pending: Iterator[list[SampleKey]] = iter(())
+        self._in_flight: deque[list[SampleKey]] = deque()
+        self.pipeline = self._build_pipeline(seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _build_pipeline(self, seed: int) -> Any:
+        dali = _import_dali()
+        fn, types = dali.fn, dali.types
+
+        gpu = self.device.type == "cuda"
+        device_id = None
+        if gpu:
+            # The training context's device, never local_rank: under Ray every worker sees all of a node's GPUs.
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pipeline = dali.Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
+                                 device_id=device_id, seed=seed, prefetch_queue_depth=2)
+        with pipeline:
+            encoded, start, shape, mirror = fn.external_source(
+                source=self._next_batch, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT32, types.INT32,
+                                                                         types.INT32])
+            # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
+            images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
+                                             output_type=types.RGB, adjust_orientation=False)
+            images = fn.resize(images, size=[self.cfg.image_size] * 2, interp_type=types.INTERP_LINEAR,
+                               antialias=True)
+            images = fn.crop_mirror_normalize(
+                images, mirror=mirror, output_layout="HWC",
+                dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+            pipeline.set_outputs(images)
+        pipeline.build()
+        return pipeline
+
+    def _next_batch(self) -> tuple[list[np.ndarray], ...]:
+        """DALI's source: the encoded files, crop windows and flips of the next batch; StopIteration ends
+        the epoch. DALI calls it ahead of the batches it returns (its prefetch queue)."""
+        keys = next(self._pending)
+        self._in_flight.append(keys)
+        encoded, starts, shapes, mirrors = [], [], [], []
+        for index, seed in keys:
+            sample = self.index.samples[index]
+            encoded.append(np.fromfile(self.index.root / sample.path, dtype=np.uint8))
+            crop = (train_crop(sample.width, sample.height, seed=seed, min_area=self.cfg.min_crop_area,
+                               flip=self.cfg.random_flip) if self.train
+                    else val_crop(sample.width, sample.height, crop_ratio=self.cfg.val_crop_ratio))
+            starts.append(np.array([crop.left, crop.top], dtype=np.int32))
+            shapes.append(np.array([crop.width, crop.height], dtype=np.int32))
+            mirrors.append(np.array(crop.flip, dtype=np.int32))
+        return encoded, starts, shapes, mirrors
+
+    def _restart(self, keys: Iterator[list[SampleKey]]) -> None:
+        """Discard what an unfinished epoch left in flight, then make `keys` the pipeline's next epoch."""
+        self._pending = iter(())
+        while True:
+            try:
+                self.pipeline.outputs()
+            except StopIteration:
+                break
+        self.pipeline.schedule_run()  # lets the source report the end, so that reset() rewinds
+        self.pipeline.reset()
+        self._in_flight.clear()
+        self._pending = keys
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of epoch `epoch` from batch `start_batch` on; the same for the same arguments."""
+        return self._batches(self.sampler.batches(epoch, start_batch))
+
+    def _batches(self, keys: Iterator[list[SampleKey]]) -> Iterator[Batch]:
+        from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray
+
+        self._restart(keys)
+        self.pipeline.schedule_run()
+        while True:
+            try:
+                (output,) = self.pipeline.outputs()
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                raise self._decode_error(error) from error
+            batch_keys = self._in_flight.popleft()
+            tensor = output.as_tensor()
+            images = torch.empty(tensor.shape(), dtype=self.dtype, device=self.device)
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            feed_ndarray(tensor, images, cuda_stream=stream)
+            labels = torch.tensor([self.index.samples[i].label for i, _ in batch_keys], dtype=torch.int64)
+            self.pipeline.schedule_run()  # the next batch decodes while the model trains on this one
+            yield images.permute(0, 3, 1, 2), labels
+
+    def _decode_error(self, error: RuntimeError) -> Exception:
+        """DALI's decode errors do not name the file: find it among the batches in flight."""
+        from data_pipeline.prepare import check_image
+
+        for batch_keys in self._in_flight:
+            for index, _ in batch_keys:
+                path = self.index.root / self.index.samples[index].path
+                if isinstance(reason := check_image(str(path)), str):
+                    return DatasetError(f"{path}: {reason}; it changed after `data prepare` indexed it: run "
+                                        "`python -m launch data prepare` again")
+        return error

@@ -1,0 +1,132 @@
+"""The Ray launcher: `launch.num_workers` Ray Train workers run `train_process`, and Ray restarts them after
+failures. The one module that imports Ray (`pip install 'resnet-train[ray]'`).
+
+The driver (this process) makes the run folder, joins or starts a Ray cluster and waits for a
+`TorchTrainer`, which starts the workers and their process group (gloo on CPUs, nccl on GPUs). A worker
+that dies (SIGKILL, a lost node, or SIGTERM: Ray runs the training function outside the worker's main
+thread, where the trainer cannot catch the signal) fails the worker group; Ray starts a new one, up to
+`launch.max_failures` times, and each new worker resumes from the latest committed checkpoint at its
+exact step and data position, as every start of `trainer.run` does.
+
+The trainer's checkpoints are Ray's: they are written once, into the run folder under Ray's storage
+path, and reported to Ray where they lie (`CheckpointUploadMode.NO_UPLOAD`), never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from configs.extras import import_extra
+from configs.loader import config_from_dict, config_to_dict
+from configs.schema import RunConfig
+from data_pipeline.fs import open_storage
+from launch.errors import RunFailed
+from launch.rundir import format_summary, open_run_dir
+from trainer.checkpoint import CheckpointManager
+
+
+def run_ray(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train on a Ray cluster (a new run, or with `resume` the existing run of cfg's name); print and return
+    the summary the primary worker saved."""
+    ray = import_extra("ray")
+    train = import_extra("ray.train")
+    ray_torch = import_extra("ray.train.torch")
+
+    cfg, run_dir = open_run_dir(cfg, resume=resume)
+    launch = cfg.launch
+    started_here = _init_ray(ray, launch.ray_address)
+    use_gpu = launch.gpus_per_worker > 0
+    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if use_gpu else {})}
+    print(f"run {launch.name}: {launch.num_workers} Ray workers x {resources}, up to {launch.max_failures} "
+          f"restarts, outputs in {run_dir}", flush=True)
+    trainer = ray_torch.TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir)},
+        torch_config=ray_torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=train.ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
+                                           resources_per_worker=resources),
+        run_config=train.RunConfig(
+            name=launch.name, storage_path=launch.runs_dir,
+            failure_config=train.FailureConfig(max_failures=launch.max_failures),
+            # Ray Train would send each print() to its logger and to stdout: every line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    try:
+        trainer.fit()
+    except train.TrainingFailedError as error:
+        raise RunFailed(_failure_message(cfg, error)) from error
+    finally:
+        if started_here:
+            ray.shutdown()
+    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _init_ray(ray: Any, address: str | None) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS); without either, start one on this machine, reachable
+    only from it (the dashboard and jobs API run code for anyone who can reach them). True if started here."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # The dashboard also serves the state API, which Ray Train's controller polls.
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def _failure_message(cfg: RunConfig, error: Exception) -> str:
+    assert cfg.checkpoint.url is not None
+    checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
+    latest = checkpoints.latest()
+    where = (f"the last good checkpoint is {checkpoints.url(latest.step)} (step {latest.step})" if latest is not None
+             else "there is no checkpoint yet")
+    return (f"run {cfg.launch.name} failed {cfg.launch.max_failures + 1} times (launch.max_failures="
+            f"{cfg.launch.max_failures}); {where}; continue it with `python -m launch train --resume "
+            f"{cfg.launch.name}`. Last error: {error}")
+
+
+class RaySink:
+    """Tells Ray about each committed checkpoint, from every rank (`ray.train.report` is a barrier that all
+    ranks must reach equally often); rank 0 passes the checkpoint itself, where it lies, with its last
+    training metrics."""
+
+    def __init__(self, *, is_primary: bool, run_dir: Path) -> None:
+        self.is_primary = is_primary
+        self.run_dir = run_dir
+        self.metrics: dict[str, float] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Remember the latest metrics (reported with the next checkpoint)."""
+        self.metrics.update(metrics, step=step)
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        """Report checkpoint `step` to Ray. Ray tracks only checkpoints inside its run folder; one elsewhere
+        (a checkpoint.url set by hand) is reported as metrics alone."""
+        train = import_extra("ray.train")
+        checkpoint = None
+        if self.is_primary and Path(url).is_relative_to(self.run_dir):
+            checkpoint = train.Checkpoint(url)
+        train.report({**self.metrics, "step": step}, checkpoint=checkpoint,
+                     checkpoint_upload_mode=train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: its place in the job from Ray's context, then the same process as every launcher."""
+    train = import_extra("ray.train")
+    ray_torch = import_extra("ray.train.torch")
+    from launch.worker import train_process
+    from trainer.dist import DistContext
+
+    cfg = config_from_dict(loop_config["config"], "the Ray driver")
+    context = train.get_context()
+    # The device Ray assigned to this worker: every worker on a node sees all its GPUs, so local_rank is not it.
+    ctx = DistContext(rank=context.get_world_rank(), local_rank=context.get_local_rank(),
+                      world_size=context.get_world_size(), device=ray_torch.get_device())
+    run_dir = Path(loop_config["run_dir"])
+    train_process(cfg, ctx, run_dir, extra_sinks=[RaySink(is_primary=ctx.is_primary, run_dir=run_dir)],
+                  print_summary=False)  # the driver prints it

@@ -1,0 +1,104 @@
+"""The DALI loader on CPU threads against the baseline: the same samples, windows and flips, pixels that agree
+to decoder/resampler rounding, rank shards that split each epoch without overlap, and decode errors that name
+the file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from configs.schema import DataConfig
+from data_pipeline import DatasetError, build_loaders
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.prepare import prepare_index
+
+NUM_COLOURS = 23
+
+
+def config(root: Path, **changes: object) -> DataConfig:
+    base = DataConfig(dataset="folder", root=str(root), batch_size=32, num_workers=2, image_size=32,
+                      min_crop_area=0.25, loader="dali")
+    return dataclasses.replace(base, **changes)
+
+
+def batches(cfg: DataConfig, *, seed: int = 0, split: str = "train", epoch: int = 0, rank: int = 0,
+            world_size: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loaders = build_loaders(cfg, seed=seed, rank=rank, world_size=world_size, dtype=dtype)
+    return list(getattr(loaders, split).iter_epoch(epoch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dali_and_the_baseline_deliver_the_same_batches(digits_root: Path, dtype: torch.dtype) -> None:
+    for split in ("train", "val"):
+        dali = batches(config(digits_root), split=split, dtype=dtype)
+        torch_ = batches(config(digits_root, loader="torch"), split=split, dtype=dtype)
+        assert len(dali) == len(torch_) and len(dali) == (45 if split == "train" else 12)
+        for (dali_images, dali_labels), (torch_images, torch_labels) in zip(dali, torch_, strict=True):
+            assert dali_images.shape == torch_images.shape and dali_images.dtype == torch_images.dtype == dtype
+            assert dali_images.stride() == torch_images.stride()  # both channels-last
+            assert torch.equal(dali_labels, torch_labels) and dali_labels.dtype == torch.int64
+        difference = torch.cat([(a - b).abs().float().flatten()
+                                for (a, _), (b, _) in zip(dali, torch_, strict=True)]).mean()
+        # Two JPEG decoders and two bilinear resamplers: they differ by rounding, far below one grey level
+        # (1/255/0.229 = 0.017 in normalised units).
+        assert difference < 0.01, split
+    # Negative control: other crops (another seed) of the same images differ by far more than that.
+    other = batches(config(digits_root, loader="torch"), seed=1)
+    dali = batches(config(digits_root))
+    shifted = torch.cat([(a - b).abs().flatten() for (a, _), (b, _) in zip(dali, other, strict=True)]).mean()
+    assert shifted > 0.3
+
+
+@pytest.fixture(scope="module")
+def colours_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NUM_COLOURS flat-coloured JPEGs of several sizes, each its own sample id: any crop of image i, flipped
+    or not, decodes to colour i."""
+    root = tmp_path_factory.mktemp("colours")
+    for split in ("train", "val"):
+        for i in range(NUM_COLOURS):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = (50 + 7 * i, 40 + 3 * (NUM_COLOURS - i))
+            Image.new("RGB", size, (10 * i, 128, 128)).save(folder / f"{i:02d}.JPEG", quality=95)
+    prepare_index(root, num_workers=1)
+    return root
+
+
+def sample_ids(images: torch.Tensor) -> list[int]:
+    """Which flat colour each image is (its red level / 10)."""
+    red = images[:, 0].float().mean(dim=(1, 2)) * IMAGENET_STD[0] * 255 + IMAGENET_MEAN[0] * 255
+    assert (images[:, 0].float().std(dim=(1, 2)) < 0.05).all()  # flat: the crop came from one image
+    return [round(value / 10) for value in red.tolist()]
+
+
+def test_two_ranks_split_each_training_epoch_without_overlap(colours_root: Path) -> None:
+    cfg = config(colours_root, batch_size=3)
+    epochs = []
+    for epoch in (0, 1):
+        shards = [[i for images, _ in batches(cfg, epoch=epoch, rank=rank, world_size=2) for i in sample_ids(images)]
+                  for rank in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) == 9  # 23 // (3 x 2) full global batches on each rank
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0] + shards[1])) == 18
+        epochs.append(shards)
+    assert epochs[0] != epochs[1]  # each epoch is a new permutation
+
+
+def test_two_ranks_evaluate_every_val_image_exactly_once(colours_root: Path) -> None:
+    cfg = config(colours_root, batch_size=4)
+    seen = [i for rank in (0, 1) for images, _ in batches(cfg, split="val", rank=rank, world_size=2)
+            for i in sample_ids(images)]
+    assert sorted(seen) == list(range(NUM_COLOURS))
+
+
+def test_a_file_broken_after_indexing_is_named(tmp_path: Path, colours_root: Path) -> None:
+    import shutil
+
+    shutil.copytree(colours_root, tmp_path / "data")
+    broken = tmp_path / "data" / "train" / "c1" / "05.JPEG"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(DatasetError, match=rf"{broken}: not a decodable image.*data prepare"):
+        batches(config(tmp_path / "data", batch_size=4))

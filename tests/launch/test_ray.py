@@ -1,0 +1,145 @@
+"""The Ray launcher on a real local Ray cluster with 2 CPU workers: a worker killed (SIGKILL) or stopped
+(SIGTERM) mid-epoch is restarted and the run reaches the weights of an uninterrupted run, with every step in
+the metrics once; a run out of restarts ends with an error naming its last good checkpoint, which a later
+`--resume` continues to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from configs import load_config
+from data_pipeline.fs import open_storage
+from tests.multiproc import run_ranks
+from trainer.checkpoint import CheckpointManager
+from trainer.serialize import from_bytes
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+# 2 epochs of 22 steps of 2 x 32 images at 8 px; checkpoints every 5 steps and at each epoch's end.
+COMMON = ["data.image_size=8", "data.batch_size=32", "data.num_workers=1", "distributed.strategy=ddp",
+          "schedule.epochs=2", "checkpoint.interval_steps=5", "checkpoint.keep_last=20",
+          "tracking.log_interval_steps=5"]
+TOTAL_STEPS = 44
+
+
+def overrides(root: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.root={root}", *COMMON, f"launch.runs_dir={runs}", f"launch.name={name}", "launch.num_workers=2",
+            *extra]
+
+
+def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1)
+    manifest = manager.latest()
+    assert manifest is not None and manifest.step == TOTAL_STEPS
+    return from_bytes(manager.read(manifest.step, "model.pt"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights 2 gloo processes reach without any failure (the same loop, without Ray)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    cfg = load_config("quickstart", [f"data.root={digits_root}", *COMMON, f"checkpoint.url={folder}"])
+    run_ranks(cfg)
+    return final_weights(folder)
+
+
+def start_training(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m launch train` in a new process (its own local Ray cluster), output to `log`."""
+    with log.open("wb") as output:
+        return subprocess.Popen([sys.executable, "-m", "launch", "train", *args], cwd=REPO, stdout=output,
+                                stderr=subprocess.STDOUT)
+
+
+def train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes running on this machine."""
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def wait_for_report(metrics: Path, *, after_step: int, timeout_s: float = 300) -> int:
+    """Wait until metrics.jsonl holds a training report beyond `after_step`; return its step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics.is_file():
+            steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+            if steps and steps[-1] > after_step:
+                return int(steps[-1])
+        time.sleep(0.2)
+    raise TimeoutError(f"no training report after step {after_step} in {metrics}")
+
+
+def finish(driver: subprocess.Popen[bytes], log: Path, timeout_s: float = 600) -> str:
+    driver.wait(timeout=timeout_s)
+    return log.read_text(errors="replace")
+
+
+def assert_every_step_once(run_dir: Path) -> None:
+    """Training reports every 5 steps and at each epoch's end, evaluations at each epoch's end, each once and
+    in order: the lines an attempt wrote after its last checkpoint were dropped when the next one resumed."""
+    reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reports if "loss" in r] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44]
+    assert [r["step"] for r in reports if "val_top1" in r] == [22, 44]
+
+
+def test_killed_and_preempted_workers_are_restarted_and_reach_the_uninterrupted_weights(
+        digits_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
+    log = tmp_path / "faults.log"
+    driver = start_training(overrides(digits_root, tmp_path, "faults", "launch.max_failures=4"), log)
+    metrics = tmp_path / "faults" / "metrics.jsonl"
+    try:
+        wait_for_report(metrics, after_step=5)
+        os.kill(train_workers()[-1].pid, signal.SIGKILL)  # a lost process, mid-epoch
+        sigterm_after = wait_for_report(metrics, after_step=15)
+        os.kill(train_workers()[0].pid, signal.SIGTERM)  # a preemption, later in the run
+        output = finish(driver, log)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-5000:]
+    assert sigterm_after > 15
+    weights = final_weights(tmp_path / "faults" / "checkpoints")
+    for key, value in uninterrupted.items():
+        assert torch.equal(weights[key], value), key
+    assert_every_step_once(tmp_path / "faults")
+    summary = json.loads((tmp_path / "faults" / "summary.json").read_text())
+    assert summary["steps"] == TOTAL_STEPS and summary["world_size"] == 2
+    assert output.count("val top-1") == 1  # the driver's summary; workers print none
+
+
+def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
+        digits_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
+    log = tmp_path / "fragile.log"
+    driver = start_training(overrides(digits_root, tmp_path, "fragile", "launch.max_failures=0"), log)
+    try:
+        wait_for_report(tmp_path / "fragile" / "metrics.jsonl", after_step=10)
+        os.kill(train_workers()[0].pid, signal.SIGKILL)
+        output = finish(driver, log)
+    finally:
+        driver.kill()
+    assert driver.returncode == 4, output[-5000:]
+    checkpoints = CheckpointManager(open_storage(str(tmp_path / "fragile" / "checkpoints")), keep_last=1)
+    latest = checkpoints.latest()
+    assert latest is not None and 10 <= latest.step < TOTAL_STEPS  # committed and intact
+    assert (f"run fragile failed 1 times (launch.max_failures=0); the last good checkpoint is "
+            f"{checkpoints.url(latest.step)} (step {latest.step}); continue it with "
+            "`python -m launch train --resume fragile`") in output
+
+    # Later, with the process tree gone: continue by name.
+    resumed = subprocess.run([sys.executable, "-m", "launch", "train", "--resume", "fragile",
+                              f"launch.runs_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    assert f"resuming from step {latest.step}" in resumed.stdout
+    weights = final_weights(tmp_path / "fragile" / "checkpoints")
+    for key, value in uninterrupted.items():
+        assert torch.equal(weights[key], value), key
+    assert_every_step_once(tmp_path / "fragile")
