@@ -8,8 +8,12 @@ file or override the value came from.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+RESERVED_ALIAS = re.compile(r"^(v\d+|latest)$", re.IGNORECASE)
+"""MLflow model-version aliases it keeps for itself."""
 
 
 class InvalidValue(ValueError):
@@ -222,9 +226,24 @@ class TrackingConfig:
     artifacts in <runs_dir>/mlartifacts."""
     experiment: str = "resnet"
     """MLflow experiment the runs are grouped under."""
+    register: bool = True
+    """At the end of the run, register its final model as a new version of `model_name` in the MLflow registry."""
+    model_name: str | None = None
+    """Registered model the versions go to; None: <model.name>-<data.dataset>, e.g. resnet50-imagenet."""
+    promote_alias: str | None = None
+    """After registering, move this alias (e.g. staging) to the new version if the promotion gate allows:
+    `promote_metric` at least `promote_min` and not below the alias's current holder."""
+    promote_metric: str = "val_top1"
+    """The version tag the promotion gate compares."""
+    promote_min: float | None = None
+    """The floor the gate requires of `promote_metric`; None: no floor."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
+        _require(self.promote_alias is None or RESERVED_ALIAS.match(self.promote_alias) is None, "promote_alias",
+                 self.promote_alias, "is reserved by MLflow (v<number>, latest)")
+        _require(self.promote_alias is None or self.register, "promote_alias", self.promote_alias,
+                 "needs tracking.register=true")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""`python -m launch <command>`: train, bench, and data preparation."""
+"""`python -m launch <command>`: train, bench, data preparation and model promotion."""
 
 from __future__ import annotations
 
@@ -62,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     launch_bench.add_argument("--workers", type=int, default=2, help="training processes (default: 2)")
     launch_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
+    promote = commands.add_parser(
+        "promote", help="move a registered model's alias to a version, if its metric passes the gate")
+    promote.add_argument("name", help="registered model name, e.g. resnet50-imagenet")
+    promote.add_argument("--version", required=True, help="the model version to promote")
+    promote.add_argument("--alias", required=True, help="the alias to move, e.g. production or staging")
+    promote.add_argument("--metric", default="val_top1", help="version tag the gate compares (default: val_top1)")
+    promote.add_argument("--min", type=float, default=None, dest="minimum",
+                         help="the floor the metric must reach (default: none)")
+    promote.add_argument("--force", action="store_true",
+                         help="move the alias even if the gate refuses (the reason records what was overridden)")
+    promote.add_argument("--dry-run", action="store_true", help="print the decision without moving anything")
+    promote.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the embedded store "
+                              "sqlite:///runs/mlflow.db)")
+
     data = commands.add_parser("data", help="prepare data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     prepare = data_commands.add_parser(
@@ -78,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m launch` and the `resnet-train` console script.
 
     Exit status: 0 done, 2 bad input (config, data, paths), 3 training diverged (non-finite losses),
-    4 failed more often than launch.max_failures allows (Ray), 75 preempted by SIGTERM after a checkpoint
-    (requeue to resume).
+    4 failed more often than launch.max_failures allows (Ray), 5 promotion refused by the gate, 75 preempted
+    by SIGTERM after a checkpoint (requeue to resume).
     """
     from data_pipeline import DatasetError
     from launch.errors import RunFailed
@@ -131,6 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(bench_data_command(root=args.root, num_images=args.images, batch_size=args.batch_size,
                                      num_workers=args.num_workers, image_size=args.image_size, rounds=args.rounds,
                                      as_json=args.json))
+        elif args.command == "promote":
+            from launch.registry import EXIT_REFUSED, promote
+
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _embedded_store()
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # a dead server: an error in seconds
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            decision = promote(uri, args.name, args.version, args.alias, metric=args.metric, minimum=args.minimum,
+                               force=args.force, dry_run=args.dry_run)
+            print(decision.describe(dry_run=args.dry_run))
+            if not decision.accepted:
+                return EXIT_REFUSED
         elif args.command == "data":
             from launch.data import prepare_command, render_digits_command
 
@@ -151,6 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preempted: {error}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def _embedded_store() -> str:
+    """The embedded tracking store of the default runs folder (tracking.uri unset, launch.runs_dir=runs)."""
+    database = Path(RunConfig().launch.runs_dir).resolve() / "mlflow.db"
+    if not database.is_file():
+        raise FileNotFoundError(f"no tracking store at {database}: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{database}"
 
 
 def _resumed_config(cfg: RunConfig, which: str, overrides: Sequence[str]) -> tuple[RunConfig, bool]:

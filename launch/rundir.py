@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Pa
     A new run (`resume=False`) gets a generated name when none was set, checkpoints under its folder when
     no checkpoint.url was set, and its resolved config saved as config.yaml; an existing folder is refused,
     so that a name is never reused by accident. `resume=True` continues the existing folder of `cfg`'s name
-    (whose config.yaml the caller loaded).
+    (whose config.yaml the caller loaded, and which is rewritten: overrides given to the resumed run, such
+    as more epochs, hold for later resumes too).
     """
     name = cfg.launch.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     run_dir = Path(cfg.launch.runs_dir).resolve() / name
@@ -38,7 +41,9 @@ def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Pa
     )
     if not resume:
         run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    written = run_dir / "config.yaml.tmp"
+    written.write_text(dump_config(cfg))
+    written.replace(run_dir / "config.yaml")  # a reader never sees half a config
     return cfg, run_dir
 
 
@@ -69,6 +74,18 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def ui_command(tracking_uri: str) -> str:
+    """How to browse a tracking store: `mlflow ui` over an embedded store, the server's address otherwise."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    beside_python = Path(sys.executable).with_name("mlflow")  # this environment's own mlflow command
+    command = "mlflow"
+    if beside_python.is_file():
+        relative = os.path.relpath(beside_python)
+        command = str(beside_python) if relative.startswith("..") else relative
+    return f"{command} ui --backend-store-uri {tracking_uri}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A two-column table of the numbers a user looks at first."""
     rows = [
@@ -83,5 +100,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("checkpoint", summary["checkpoint_url"]),
         ("run folder", summary["run_dir"]),
     ]
+    if summary.get("tracking_uri"):
+        rows.append(("mlflow run", f"{summary['mlflow_run_id']} at {summary['tracking_uri']}"))
+        rows.append(("registered as", summary.get("model_uri") or "not registered (see the messages above)"))
+        if summary.get("promotion"):
+            rows.append(("promotion", summary["promotion"]))
+        rows.append(("look at it", ui_command(summary["tracking_uri"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

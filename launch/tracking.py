@@ -28,8 +28,9 @@ from configs.loader import config_to_dict
 from configs.schema import RunConfig
 
 RUN_FILE = "mlflow_run.json"
-"""In the run folder: the tracking URI and MLflow run id of this training run, so that a resumed or restarted
-run continues the same MLflow run."""
+"""In the run folder: the tracking URI and MLflow run id of this training run. The same record is in each
+checkpoint's manifest (meta key `mlflow`), so that a restarted run, or a new run started from another's
+checkpoints, continues the same MLflow run."""
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -49,9 +50,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """A short fingerprint of the resolved config (without run name and paths)."""
+    """A short fingerprint of the resolved config: what trains the model, without the run's name, output
+    paths and tracking settings."""
     tree = config_to_dict(cfg)
-    tree["launch"] = {k: v for k, v in tree["launch"].items() if k not in ("name", "runs_dir")}
+    del tree["tracking"]
+    tree["launch"] = {k: v for k, v in tree["launch"].items() if k not in ("name", "runs_dir", "ray_address")}
     tree["checkpoint"] = {k: v for k, v in tree["checkpoint"].items() if k != "url"}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -80,7 +83,9 @@ class MlflowSink:
     """Sends metrics to one MLflow run from a background thread; see the module docstring."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, world_size: int, device: str,
-                 max_buffered: int = 100_000, request_timeout_s: int = 5) -> None:
+                 checkpointed: dict[str, str] | None = None, max_buffered: int = 100_000,
+                 request_timeout_s: int = 5) -> None:
+        """`checkpointed`: the `mlflow` record of the checkpoint the run resumes from, if any."""
         # Set before the first request: a call to a dead server then fails in seconds, not minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -92,7 +97,7 @@ class MlflowSink:
         self.max_buffered = max_buffered
         self.buffer: deque[Any] = deque()
         self.dropped = 0
-        self.run_id: str | None = self._saved_run_id()
+        self.run_id: str | None = self._saved_run_id(checkpointed)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._monitor: Any = None
         self._lock = threading.Lock()
@@ -101,12 +106,22 @@ class MlflowSink:
         self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
         self._thread.start()
 
-    def _saved_run_id(self) -> str | None:
+    def _saved_run_id(self, checkpointed: dict[str, str] | None) -> str | None:
+        """The run to continue: the checkpoint's, else the run folder's (a run that failed before its first
+        checkpoint knew the id), if recorded for this tracking URI."""
         try:
-            saved = json.loads((self.run_dir / RUN_FILE).read_text())
+            in_folder = json.loads((self.run_dir / RUN_FILE).read_text())
         except (FileNotFoundError, ValueError):
-            return None
-        return saved["run_id"] if saved.get("tracking_uri") == self.uri else None
+            in_folder = None
+        for saved in (checkpointed, in_folder):
+            if saved is not None and saved.get("tracking_uri") == self.uri:
+                return saved["run_id"]
+        return None
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's manifest records of this run (nothing until the run exists on the server)."""
+        run_id = self.run_id
+        return {} if run_id is None else {"mlflow": {"tracking_uri": self.uri, "run_id": run_id}}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Queue `metrics` at `step` (returns at once)."""
@@ -169,8 +184,11 @@ class MlflowSink:
         if self.run_id is None:
             self.run_id = self._create_run(client)
         if self._monitor is None:
-            # Continuing a run (a restart or --resume) marks it running again.
+            # Continuing a run (a restart or --resume) marks it running again, with this attempt's environment
+            # and config hash (a resume may have changed the world size or the number of epochs).
             client.update_run(self.run_id, status="RUNNING")
+            entities = import_extra("mlflow.entities")
+            client.log_batch(self.run_id, tags=[entities.RunTag(key, value) for key, value in self.tags.items()])
             self._start_system_metrics()
         if self.dropped:
             with self._lock:
@@ -208,8 +226,9 @@ class MlflowSink:
         params = [entities.Param(key, value[:6000]) for key, value in flatten(config_to_dict(self.cfg)).items()]
         for start in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=params[start:start + 100])
-        (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run.info.run_id}))
-        return str(run.info.run_id)
+        run_id = str(run.info.run_id)
+        (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+        return run_id
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]]) -> bytes:

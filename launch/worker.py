@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trainer
 from configs.schema import RunConfig
@@ -14,6 +14,9 @@ from launch.rundir import format_summary, write_summary
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import DistContext
 from trainer.metrics import ConsoleSink, JsonLinesSink, MetricSink
+
+if TYPE_CHECKING:
+    from launch.tracking import MlflowSink
 
 
 def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sinks: Sequence[MetricSink] = (),
@@ -35,19 +38,19 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
         if cfg.tracking.enabled:
             from launch.tracking import MlflowSink
 
-            tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=ctx.device.type)
+            tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=ctx.device.type,
+                                 checkpointed=latest.meta.get("mlflow") if latest is not None else None)
             sinks.append(tracker)
     try:
-        result = trainer.run(cfg, ctx, sinks)
+        result = trainer.run(cfg, ctx, sinks, extra_meta=tracker.checkpoint_meta if tracker is not None else None)
     except BaseException:
         if tracker is not None:
             tracker.close(status="FAILED", timeout_s=10)
         raise
-    if tracker is not None:
-        tracker.close()
     if not ctx.is_primary:
         return None
-    summary = {
+    checkpoint_url = f"{cfg.checkpoint.url}/{CheckpointManager.folder(result.steps)}"
+    summary: dict[str, Any] = {
         "run_name": cfg.launch.name,
         "model": cfg.model.name,
         "device": ctx.device.type,
@@ -56,12 +59,43 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
         "steps": result.steps,
         "images_per_s": result.images_per_s,
         "train_time_s": result.train_time_s,
-        "wall_time_s": time.perf_counter() - start,
         **result.val,
-        "checkpoint_url": f"{cfg.checkpoint.url}/{CheckpointManager.folder(result.steps)}",
+        "checkpoint_url": checkpoint_url,
         "run_dir": str(run_dir),
+        "tracking_uri": None,
+        "mlflow_run_id": None,
+        "model_uri": None,
     }
+    if tracker is not None:
+        summary.update(_finish_tracking(cfg, tracker))
+    summary["wall_time_s"] = time.perf_counter() - start
     write_summary(run_dir, summary)
     if print_summary:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _finish_tracking(cfg: RunConfig, tracker: MlflowSink) -> dict[str, Any]:
+    """End the MLflow run, register its model and move the configured alias; what the summary records of it.
+    A tracking failure here is printed, never raised: the trained checkpoint is already safe."""
+    from launch import registry
+
+    delivered = tracker.close()
+    found: dict[str, Any] = {"tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id}
+    if not (delivered and cfg.tracking.register):
+        return found
+    assert cfg.checkpoint.url is not None and tracker.run_id is not None
+    try:
+        found["model_uri"] = registry.register_model(cfg, tracking_uri=tracker.uri, run_id=tracker.run_id,
+                                                     checkpoint_url=cfg.checkpoint.url)
+        print(f"mlflow: registered {found['model_uri']}", flush=True)
+        if cfg.tracking.promote_alias is not None:
+            version = found["model_uri"].rsplit("/", 1)[1]
+            decision = registry.promote(tracker.uri, registry.model_name(cfg), version, cfg.tracking.promote_alias,
+                                        metric=cfg.tracking.promote_metric, minimum=cfg.tracking.promote_min)
+            found["promotion"] = decision.describe(dry_run=False)
+            print(f"mlflow: {found['promotion']}", flush=True)
+    except Exception as error:  # noqa: BLE001 - reported, and the summary says what is missing
+        print(f"mlflow: could not register the model of run {tracker.run_id} at {tracker.uri}: "
+              f"{type(error).__name__}: {error}", flush=True)
+    return found

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from trainer.strategy import build_strategy
 __all__ = ["DistContext", "MetricSink", "TrainResult", "run"]
 
 
-def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainResult:
-    """Train and evaluate the configured model on this process's share of the job."""
+def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
+        extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
+    """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
+    primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue."""
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, ctx.device)
     loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
@@ -64,7 +67,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink]) -> TrainR
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     with watch_for_preemption() as preemption:
         return train(strategy, ema, precision, criterion, loaders, cfg, ctx=ctx, peak_lr=peak_lr,
-                     global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints, preemption=preemption)
+                     global_batch_size=global_batch_size, sinks=sinks, checkpoints=checkpoints, preemption=preemption,
+                     extra_meta=extra_meta)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,9 +73,11 @@ def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module,
 
 def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: nn.Module, loaders: Loaders,
           cfg: RunConfig, *, ctx: DistContext, peak_lr: float, global_batch_size: int, sinks: Sequence[MetricSink],
-          checkpoints: CheckpointManager | None, preemption: PreemptionFlag) -> TrainResult:
+          checkpoints: CheckpointManager | None, preemption: PreemptionFlag,
+          extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, maybe report,
-    maybe checkpoint; per epoch: evaluate, report, checkpoint. Stops with `Preempted` after a checkpoint
+    maybe checkpoint; per epoch: evaluate, report, checkpoint (with the facts `extra_meta` returns at that
+    moment in its manifest). Stops with `Preempted` after a checkpoint
     at the first report after SIGTERM."""
     device = precision.device
     memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
@@ -94,6 +97,8 @@ def train(strategy: Strategy, ema: Ema | None, precision: Precision, criterion: 
             return
         meta = checkpoint_meta(cfg, step=step, steps_per_epoch=steps_per_epoch,
                                global_batch_size=global_batch_size, world_size=ctx.world_size, val=val)
+        if extra_meta is not None:
+            meta.update(extra_meta())
         save_state(checkpoints, step, strategy, ema, ctx, meta=meta)
         for sink in sinks:
             sink.on_checkpoint(step, checkpoints.url(step))

@@ -25,9 +25,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Iterator[tuple[str, Path]]:
+def served(module_tmp: Path, digits_root: Path) -> Iterator[tuple[str, Path]]:
     """(base URL, folder it serves): a copy of the digits set at <URL>/digits."""
-    folder = tmp_path_factory.mktemp("served")
+    folder = module_tmp / "served"
     shutil.copytree(digits_root, folder / "digits")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 # 2 epochs of 22 steps of 2 x 32 images at 8 px; checkpoints every 5 steps and at each epoch's end.
 COMMON = ["data.image_size=8", "data.batch_size=32", "data.num_workers=1", "distributed.strategy=ddp",
-          "schedule.epochs=2", "checkpoint.interval_steps=5", "checkpoint.keep_last=20",
+          "schedule.epochs=2", "checkpoint.interval_steps=5", "checkpoint.keep_last=2",
           "tracking.log_interval_steps=5"]
 TOTAL_STEPS = 44
 
@@ -47,9 +47,9 @@ def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+def uninterrupted(digits_root: Path, module_tmp: Path) -> dict[str, torch.Tensor]:
     """The weights 2 gloo processes reach without any failure (the same loop, without Ray)."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
+    folder = module_tmp / "uninterrupted"
     cfg = load_config("quickstart", [f"data.root={digits_root}", *COMMON, f"checkpoint.url={folder}"])
     run_ranks(cfg)
     return final_weights(folder)

@@ -1,6 +1,7 @@
-"""MLflow tracking against a real `mlflow server` (sqlite backend, local artifacts) on 127.0.0.1: a run logs its
-config, environment, metrics and artifacts; a resumed run continues the same MLflow run; a server that dies
-mid-run and comes back gets every metric, and training never stops for it."""
+"""MLflow tracking and the registry against a real `mlflow server` (sqlite backend, local artifacts) on 127.0.0.1:
+a run logs its config, environment, metrics and artifacts; a resumed run continues the same MLflow run; each
+finished run registers a model a fresh process predicts with; the promotion gate moves an alias only for a model
+that is not worse; a server that dies mid-run and comes back gets every metric, and training never stops for it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from configs import ConfigError, RunConfig, load_config
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.fs import open_storage
 from tests.multiproc import free_port
+from trainer.checkpoint import CheckpointManager
 
 pytest.importorskip("mlflow")
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
@@ -55,6 +63,10 @@ class Server:
         self.process.wait(timeout=60)
 
 
+def load_config_of(run_dir: Path) -> RunConfig:
+    return load_config(run_dir / "config.yaml", [])
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     running = Server(tmp_path / "server")
@@ -82,32 +94,162 @@ def finished(process: subprocess.Popen[bytes]) -> str:
     return output.decode(errors="replace")
 
 
-def test_a_run_is_recorded_and_a_resumed_run_continues_it(server: Server, digits_root: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def recorded(module_tmp: Path, digits_root: Path) -> Iterator[tuple[Server, Path]]:
+    """A server that saw run "first" train one epoch, then continue (--resume) for a second: (server, runs)."""
+    running = Server(module_tmp / "server")
+    running.folder.mkdir()
+    running.start()
+    runs = module_tmp / "runs"
+    finished(train(*common(digits_root, runs, running.uri, "first")))
+    finished(train("--resume", "first", f"launch.runs_dir={runs}", "schedule.epochs=2"))
+    yield running, runs
+    running.stop()
+
+
+def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server, Path]) -> None:
     from mlflow import MlflowClient
 
-    finished(train(*common(digits_root, tmp_path / "runs", server.uri, "first")))
-    run_id = json.loads((tmp_path / "runs" / "first" / "mlflow_run.json").read_text())["run_id"]
+    server, runs = recorded
+    run_id = json.loads((runs / "first" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["data.batch_size"] == "64"
     assert run.data.tags["world_size"] == "1" and "version.torch" in run.data.tags and "config_hash" in run.data.tags
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10, 15, 20, 22]
-    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22]
-    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "curves.png"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "curves.png"}
 
-    # Continue the same run for a second epoch: the same MLflow run, global steps going on.
-    finished(train("--resume", "first", f"launch.runs_dir={tmp_path / 'runs'}", "schedule.epochs=2"))
-    assert json.loads((tmp_path / "runs" / "first" / "mlflow_run.json").read_text())["run_id"] == run_id
+    # The second epoch went on in the same MLflow run (its id is in every checkpoint), global steps going on.
+    assert len(client.search_runs([run.info.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44]
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22, 44]
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    manifest = CheckpointManager(open_storage(str(runs / "first" / "checkpoints")), keep_last=1).latest()
+    assert manifest is not None and manifest.meta["mlflow"] == {"tracking_uri": server.uri, "run_id": run_id}
+    summary = json.loads((runs / "first" / "summary.json").read_text())
+    assert summary["tracking_uri"] == server.uri and summary["mlflow_run_id"] == run_id
+
+
+def test_a_checkpoint_names_the_run_to_continue(tmp_path: Path) -> None:
+    """A new run folder started from another run's checkpoints continues the MLflow run its checkpoint names."""
+    from configs import load_config
+    from launch.tracking import MlflowSink
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: the sink only queues
+    cfg = load_config("quickstart", [f"tracking.uri={uri}"])
+    sink = MlflowSink(cfg, tmp_path, world_size=1, device="cpu", checkpointed={"tracking_uri": uri, "run_id": "abc"})
+    assert sink.run_id == "abc" and sink.checkpoint_meta() == {"mlflow": {"tracking_uri": uri, "run_id": "abc"}}
+    elsewhere = MlflowSink(cfg, tmp_path, world_size=1, device="cpu",
+                           checkpointed={"tracking_uri": "http://other:5000", "run_id": "abc"})
+    assert elsewhere.run_id is None and elsewhere.checkpoint_meta() == {}
+    for started in (sink, elsewhere):
+        assert not started.close(timeout_s=0.1)
+
+
+PREDICT = """
+import sys, mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
+"""
+
+
+def val_images(root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every val image as uint8 RGB [N, size, size, 3], and its class id."""
+    classes = sorted(p.name for p in (root / "val").iterdir())
+    files = sorted((root / "val").glob("*/*.JPEG"))
+    images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)) for f in files]
+    return np.stack(images), np.array([classes.index(f.parent.name) for f in files])
+
+
+def test_each_finished_run_registers_a_version_a_fresh_process_predicts_with(
+        recorded: tuple[Server, Path], digits_root: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from launch.tracking import config_hash
+    from trainer.models import build_model
+
+    server, runs = recorded
+    run_id = json.loads((runs / "first" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(server.uri)
+    versions = sorted(client.search_model_versions("name='resnet18-digits'"), key=lambda v: int(v.version))
+    assert [(v.version, v.tags["step"], v.tags["run_id"]) for v in versions] == [("1", "22", run_id),
+                                                                                ("2", "44", run_id)]
+    latest = versions[-1]
+    assert latest.tags["dataset"] == "digits" and latest.tags["epochs"] == "2.0"
+    assert latest.tags["config_hash"] == config_hash(load_config_of(runs / "first"))  # the 2-epoch config
+    summary = json.loads((runs / "first" / "summary.json").read_text())
+    assert summary["model_uri"] == "models:/resnet18-digits/2"
+    assert float(latest.tags["val_top1"]) == summary["val_top1"]
+
+    # A fresh process with nothing but mlflow: uint8 images in, class ids out.
+    images, labels = val_images(digits_root, 8)
+    np.save(tmp_path / "images.npy", images)
+    subprocess.run([sys.executable, "-c", PREDICT, server.uri, "models:/resnet18-digits/2",
+                    str(tmp_path / "images.npy"), str(tmp_path / "ids.npy")], check=True, timeout=300, cwd=tmp_path)
+    ids = np.load(tmp_path / "ids.npy")
+    assert ids.shape == labels.shape and ids.dtype == np.int64
+    # The same ids as the raw torchvision-layout weights registered beside it, normalised by hand.
+    state = torch.load(client.download_artifacts(run_id, "torchvision/model.pt", str(tmp_path)), weights_only=True)
+    network = build_model(load_config_of(runs / "first").model)
+    network.load_state_dict(state)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        expected = network.eval()((pixels - mean) / std).argmax(1).numpy()
+    assert (ids == expected).mean() >= 0.99
+    # PIL's resize is not DALI's: the accuracy is close to, not equal to, the run's evaluation.
+    assert abs((ids == labels).mean() - summary["val_top1"]) < 0.05
+
+
+def test_promotion_moves_the_alias_only_through_the_gate(recorded: tuple[Server, Path]) -> None:
+    from mlflow import MlflowClient
+
+    from launch.registry import promote
+
+    server, _ = recorded
+    client = MlflowClient(server.uri)
+    score = {v: float(client.get_model_version("resnet18-digits", v).tags["val_top1"]) for v in ("1", "2")}
+    better, worse = sorted(score, key=score.__getitem__, reverse=True)
+    assert score[better] > score[worse], score  # one epoch more of training
+
+    decision = promote(server.uri, "resnet18-digits", worse, "production", minimum=score[worse] + 0.01, dry_run=True)
+    assert not decision.accepted and "below the floor" in decision.reason
+    assert promote(server.uri, "resnet18-digits", worse, "production").accepted
+    holder = client.get_model_version_by_alias("resnet18-digits", "production")
+    assert holder.version == worse and holder.tags["production.previous"] == "none"
+
+    # A dry run moves nothing; the command-line gate accepts the better version and records why.
+    assert promote(server.uri, "resnet18-digits", better, "production", dry_run=True).accepted
+    assert client.get_model_version_by_alias("resnet18-digits", "production").version == worse
+    command = [sys.executable, "-m", "launch", "promote", "resnet18-digits", "--alias", "production",
+               "--tracking-uri", server.uri, "--min", "0.1"]
+    accepted = subprocess.run([*command, "--version", better], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"promoted: resnet18-digits version {better} -> @production" in accepted.stdout
+    holder = client.get_model_version_by_alias("resnet18-digits", "production")
+    assert holder.version == better and holder.tags["production.previous"] == worse
+    assert f"version {better}" in client.get_model_version("resnet18-digits", worse).tags["production.replaced_by"]
+
+    # Going back to the worse model is refused (exit 5) unless forced.
+    refused = subprocess.run([*command, "--version", worse], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 5
+    assert f"is worse than version {better}'s" in refused.stdout
+    assert client.get_model_version_by_alias("resnet18-digits", "production").version == better
+    forced = promote(server.uri, "resnet18-digits", worse, "production", force=True)
+    assert forced.accepted and forced.reason.startswith("forced despite")
+    assert client.get_model_version_by_alias("resnet18-digits", "production").version == worse
+
+    with pytest.raises(ConfigError, match="reserved"):
+        promote(server.uri, "resnet18-digits", better, "v2")
+    with pytest.raises(ConfigError, match="no version '9'"):
+        promote(server.uri, "resnet18-digits", "9", "production")
 
 
 def test_a_server_outage_mid_run_loses_no_metric(server: Server, digits_root: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    process = train(*common(digits_root, tmp_path / "runs", server.uri, "outage"), "schedule.epochs=3")
+    process = train(*common(digits_root, tmp_path / "runs", server.uri, "outage"), "schedule.epochs=3",
+                    "tracking.register=false")
     metrics = tmp_path / "runs" / "outage" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (tmp_path / "runs" / "outage" / "mlflow_run.json").is_file() or not metrics.is_file():

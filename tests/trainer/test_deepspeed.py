@@ -40,8 +40,8 @@ def final_weights(checkpoint_dir: Path) -> tuple[set[str], dict[str, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def ddp_weights(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    folder = tmp_path_factory.mktemp("ddp")
+def ddp_weights(digits_root: Path, module_tmp: Path) -> dict[str, torch.Tensor]:
+    folder = module_tmp / "ddp"
     run_ranks(config(digits_root, folder, "distributed.strategy=ddp", *SAME_LAYOUT))
     return final_weights(folder)[1]
 

@@ -44,8 +44,8 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, dict]:
-    checkpoint_dir = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(digits_root: Path, module_tmp: Path) -> tuple[int, dict, dict]:
+    checkpoint_dir = module_tmp / "uninterrupted"
     result = trainer.run(config(digits_root, checkpoint_dir), single_process_context(), [])
     assert result.steps == 44 and result.start_step == 0
     return final_state(checkpoint_dir)
@@ -98,9 +98,9 @@ def test_negative_control_with_other_augmentation_after_resume_the_weights_diffe
 
 
 @pytest.fixture(scope="module")
-def finished(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, trainer.TrainResult]:
+def finished(digits_root: Path, module_tmp: Path) -> tuple[Path, trainer.TrainResult]:
     """A one-epoch run that completed; the tests below only read its checkpoints."""
-    checkpoint_dir = tmp_path_factory.mktemp("finished")
+    checkpoint_dir = module_tmp / "finished"
     return checkpoint_dir, trainer.run(config(digits_root, checkpoint_dir, "schedule.epochs=1"),
                                        single_process_context(), [])
 

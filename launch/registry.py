@@ -1,0 +1,212 @@
+"""The MLflow model registry: registering a run's model, and moving an alias through a metric gate.
+
+A registered version holds two things:
+- `model/`: an MLflow pytorch model in the pt2 (torch.export) format, no pickle. It takes what an image
+  library gives, uint8 RGB images of shape [N, S, S, 3] (S = data.image_size: resize or centre-crop first),
+  normalises them as training did and returns class ids [N] (int64).
+  `mlflow.pyfunc.load_model("models:/NAME@production").predict(images)` is all a consumer needs.
+- `torchvision/model.pt`: the raw state dict, loadable into torchvision's ResNet of the same depth (and
+  `trainer.models.build_model` with the same model config) for fine-tuning or logits.
+Its tags say where it comes from: val_top1, val_top5, epochs, step, dataset, config_hash, run_id.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from configs.extras import import_extra
+from configs.loader import ConfigError
+from configs.schema import RESERVED_ALIAS, RunConfig
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.fs import open_storage
+from trainer.checkpoint import CheckpointManager
+from trainer.models import build_model
+from trainer.serialize import from_bytes
+
+EXIT_REFUSED = 5
+"""`promote`'s exit status when the gate refuses the move."""
+
+
+class ImageClassifier(nn.Module):
+    """uint8 RGB images [N, H, W, 3] in, class ids [N] out: the network with its input normalisation."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.permute(0, 3, 1, 2).float()
+        return self.network((pixels - self.mean) / self.std).argmax(dim=1)
+
+
+def model_name(cfg: RunConfig) -> str:
+    """The registered model a run's versions go to: tracking.model_name, or <model>-<dataset>."""
+    return cfg.tracking.model_name or f"{cfg.model.name}-{cfg.data.dataset}"
+
+
+def load_network(cfg: RunConfig, checkpoint_url: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of the newest committed checkpoint under `checkpoint_url` (CPU, eval mode) and its manifest meta."""
+    manager = CheckpointManager(open_storage(checkpoint_url), keep_last=1)
+    manifest = manager.latest()
+    if manifest is None:
+        raise FileNotFoundError(f"no committed checkpoint under {checkpoint_url}")
+    network = build_model(cfg.model)
+    network.load_state_dict(from_bytes(manager.read(manifest.step, "model.pt")))
+    return network.eval(), manifest.meta
+
+
+def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint_url: str) -> str:
+    """Log the final model of run `run_id` and register it as a new version of `model_name(cfg)`; return its
+    URI (models:/NAME/VERSION). A step already registered for this run (by an attempt Ray restarted after it
+    had registered) is not registered twice."""
+    mlflow = import_extra("mlflow")
+    network, meta = load_network(cfg, checkpoint_url)
+    name = model_name(cfg)
+    client = mlflow.MlflowClient(tracking_uri)
+    for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if version.tags.get("step") == str(meta["step"]):
+            return f"models:/{name}/{version.version}"
+
+    size = cfg.data.image_size
+    classifier = ImageClassifier(network).eval()
+    example = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+    with torch.no_grad():
+        predicted = classifier(torch.from_numpy(example)).numpy()
+    signature = import_extra("mlflow.models").infer_signature(example, predicted)
+    tags = {
+        "val_top1": meta.get("val_top1"), "val_top5": meta.get("val_top5"), "epochs": meta["epoch"],
+        "step": meta["step"], "dataset": cfg.data.dataset, "data_root": cfg.data.root,
+        "config_hash": _config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
+        "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
+    }
+    tags = {key: str(value) for key, value in tags.items() if value is not None}
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="register-") as scratch:
+        # Explicit requirements: inferring them would load the model in a subprocess.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
+        info = mlflow.pytorch.log_model(classifier, name="model", signature=signature, input_example=example,
+                                        serialization_format="pt2", pip_requirements=requirements)
+        state = Path(scratch) / "model.pt"
+        torch.save(network.state_dict(), state)
+        mlflow.log_artifact(str(state), artifact_path="torchvision")
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    client.update_model_version(name, version.version, description=(
+        f"{cfg.model.name} on {cfg.data.dataset}, step {meta['step']} of run {run_id}: "
+        f"val top-1 {tags.get('val_top1', '?')}. Input: {tags['input']}; output: {tags['output']}. "
+        "The raw torchvision state dict is the run's artifact torchvision/model.pt."))
+    return f"models:/{name}/{version.version}"
+
+
+def _config_hash(cfg: RunConfig) -> str:
+    from launch.tracking import config_hash
+
+    return config_hash(cfg)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the gate decided for moving `alias` to `version`."""
+
+    name: str
+    alias: str
+    version: str
+    accepted: bool
+    reason: str
+    previous: str | None
+    """The version that held the alias before (None: no holder)."""
+
+    def describe(self, *, dry_run: bool) -> str:
+        what = f"{self.name} version {self.version} -> @{self.alias}"
+        if not self.accepted:
+            return f"{'would refuse' if dry_run else 'refused'}: {what}: {self.reason}"
+        if self.previous == self.version:
+            return f"unchanged: {what}: it already holds the alias"
+        return f"{'would promote' if dry_run else 'promoted'}: {what}: {self.reason}"
+
+
+def decide(client: Any, name: str, version: str, alias: str, *, metric: str, minimum: float | None,
+           force: bool) -> Decision:
+    """The gate: the candidate's `metric` tag must reach `minimum` and must not be below the current holder's."""
+    if RESERVED_ALIAS.match(alias):
+        raise ConfigError(f"alias {alias!r} is reserved by MLflow (v<number>, latest): choose another, e.g. production")
+    mlflow_exceptions = import_extra("mlflow.exceptions")
+    try:
+        candidate = client.get_model_version(name, version)
+    except mlflow_exceptions.MlflowException as error:
+        raise ConfigError(f"registered model {name!r} has no version {version!r}: {error.message}") from None
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow_exceptions.MlflowException:
+        holder = None
+    previous = None if holder is None else str(holder.version)
+
+    def value(model_version: Any) -> float | None:
+        raw = model_version.tags.get(metric)
+        return None if raw is None else float(raw)
+
+    score = value(candidate)
+    held = None if holder is None else value(holder)
+    problems = []
+    if score is None:
+        problems.append(f"version {version} has no {metric} tag")
+    else:
+        if minimum is not None and score < minimum:
+            problems.append(f"{metric} {score:.4f} is below the floor {minimum:.4f}")
+        if held is not None and score < held:
+            problems.append(f"{metric} {score:.4f} is worse than version {previous}'s {held:.4f}, which holds "
+                            f"@{alias}")
+    if previous == str(version):
+        return Decision(name, alias, str(version), True, "already holds the alias", previous)
+    if problems and not force:
+        return Decision(name, alias, str(version), False, "; ".join(problems), previous)
+    if problems:
+        reason = "forced despite: " + "; ".join(problems)
+    else:
+        reasons = [f"{metric} {score:.4f}"]
+        if minimum is not None:
+            reasons.append(f">= floor {minimum:.4f}")
+        reasons.append(f">= version {previous}'s {held:.4f}" if held is not None else
+                       f"(version {previous} held it without {metric})" if previous else "(no previous holder)")
+        reason = " ".join(reasons)
+    return Decision(name, alias, str(version), True, reason, previous)
+
+
+def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: str = "val_top1",
+            minimum: float | None = None, force: bool = False, dry_run: bool = False) -> Decision:
+    """Move `alias` of registered model `name` to `version` if the gate allows (see `decide`), recording the
+    previous holder and the reason as tags of both versions."""
+    mlflow = import_extra("mlflow")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force)
+    except (ConfigError, OSError):
+        raise
+    except Exception as error:  # an unreachable server, a store that is not an MLflow store
+        raise ConfigError(f"tracking URI {tracking_uri}: {type(error).__name__}: {error}") from None
+    if dry_run or not decision.accepted or decision.previous == decision.version:
+        return decision
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, f"{alias}.promoted_at", when)
+    client.set_model_version_tag(name, version, f"{alias}.previous", decision.previous or "none")
+    client.set_model_version_tag(name, version, f"{alias}.reason", decision.reason)
+    if decision.previous is not None:
+        client.set_model_version_tag(name, decision.previous, f"{alias}.replaced_by", f"version {version} at {when}")
+    return decision
+
+
+__all__ = ["EXIT_REFUSED", "Decision", "ImageClassifier", "decide", "load_network", "model_name", "promote",
+           "register_model"]
