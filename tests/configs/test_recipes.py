@@ -1,0 +1,60 @@
+"""Every shipped recipe loads, passes the checks a launch would make, and builds its network (on the meta
+device: no memory, no time); the ImageNet recipes hold the batch sizes and learning rates their comments
+state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from configs import CONFIG_DIR, load_config
+from trainer import check_distributed
+from trainer.dist import DistContext
+from trainer.models import build_model
+from trainer.optim import peak_learning_rate
+
+RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def test_the_recipes_the_readme_lists_are_shipped() -> None:
+    assert set(RECIPES) >= {"quickstart", "resnet18-imagenet", "resnet50-imagenet", "resnet50-imagenet-8node",
+                            "resnet50-imagenet-lars", "resnet50-imagenet-deepspeed", "resnet101-imagenet",
+                            "resnet152-imagenet", "synthetic-bench"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_resolves_and_builds_its_network(recipe: str) -> None:
+    cfg = load_config(recipe)
+    workers = cfg.launch.num_workers
+    device = torch.device("cuda" if cfg.launch.gpus_per_worker else "cpu")
+    check_distributed(cfg, DistContext(rank=0, local_rank=0, world_size=workers, device=device))
+    with torch.device("meta"):
+        network = build_model(cfg.model)
+        reference = getattr(torchvision.models, cfg.model.name)(num_classes=cfg.model.num_classes)
+    shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    if not cfg.model.small_input:  # the same tensors as torchvision's network, so weights move both ways
+        assert shapes == {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    global_batch = cfg.data.batch_size * workers * cfg.optim.accumulation_steps
+    if cfg.data.dataset == "folder":
+        steps_per_epoch = IMAGENET_TRAIN_IMAGES // global_batch
+        assert 0 < cfg.checkpoint.interval_steps < steps_per_epoch  # a lost node costs less than an epoch
+        assert cfg.data.loader == "dali" and cfg.precision.dtype in ("auto", "bf16") and cfg.precision.channels_last
+        assert cfg.launch.gpus_per_worker == 1 and cfg.optim.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize(("recipe", "global_batch", "peak_lr"), [
+    ("resnet50-imagenet", 2048, 0.8),
+    ("resnet50-imagenet-8node", 8192, 3.2),
+    ("resnet50-imagenet-lars", 32768, 10.8),
+    ("resnet50-imagenet-deepspeed", 2048, 0.8),
+    ("resnet18-imagenet", 2048, 0.8),
+    ("resnet101-imagenet", 2048, 0.8),
+    ("resnet152-imagenet", 1024, 0.4),
+])
+def test_imagenet_recipes_scale_as_their_comments_say(recipe: str, global_batch: int, peak_lr: float) -> None:
+    cfg = load_config(recipe)
+    assert cfg.data.batch_size * cfg.launch.num_workers == global_batch
+    assert peak_learning_rate(cfg.optim, global_batch) == pytest.approx(peak_lr)
+    assert cfg.schedule.epochs == 90 and cfg.schedule.warmup_epochs == 5 and cfg.schedule.decay == "cosine"
