@@ -31,3 +31,12 @@ def import_extra(module: str) -> ModuleType:
         raise MissingExtraError(
             f"{module} is not installed ({error}); install the extra {extra!r}: pip install '{DISTRIBUTION}[{extra}]'"
         ) from error
+
+
+def require_extras(modules: list[str]) -> None:
+    """Fail before any work if one of `modules` (optional dependencies) is not installed, naming its extra."""
+    import importlib.util
+
+    for module in modules:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            import_extra(module)  # raises MissingExtraError with the install command

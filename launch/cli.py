@@ -1,13 +1,15 @@
-"""`python -m launch <command>`: train, bench, data preparation and model promotion."""
+"""`python -m launch <command>`: train, eval, export, promote, bench, and data preparation."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from configs.extras import MissingExtraError, require_extras
 from configs.loader import ConfigError, dump_config, load_config
 from configs.schema import RunConfig
 
@@ -57,10 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     data_bench.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (default: 3)")
     data_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
+    train_bench = bench_commands.add_parser(
+        "train", help="end-to-end images/s of a whole training run (per device, all devices, MFU on GPUs)")
+    train_bench.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    train_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    train_bench.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
     launch_bench = bench_commands.add_parser(
         "launch", help="time to first step under torchrun and Ray, and Ray's restart latency after a worker dies")
     launch_bench.add_argument("--workers", type=int, default=2, help="training processes (default: 2)")
     launch_bench.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+
+    source_help = ("a checkpoint URL (a run's checkpoints folder: its newest step; or one step_<n> folder) or a "
+                   "registry URI (models:/NAME/VERSION, models:/NAME@ALIAS)")
+    evaluate = commands.add_parser("eval", help="top-1/top-5 of a trained model on a data set's val split")
+    evaluate.add_argument("source", help=source_help)
+    evaluate.add_argument("--data", default=None, help="data set root (default: the one the model was trained on)")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
+    evaluate.add_argument("--tracking-uri", default=None, help="for models:/ URIs (default: $MLFLOW_TRACKING_URI, "
+                          "else sqlite:///runs/mlflow.db)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    export = commands.add_parser(
+        "export", help="write a trained model as a torchvision state dict and a torch.export program")
+    export.add_argument("source", help=source_help)
+    export.add_argument("--out", required=True, help="folder to write model.pt and model.pt2 into")
+    export.add_argument("--tracking-uri", default=None, help="for models:/ URIs (as for eval)")
 
     promote = commands.add_parser(
         "promote", help="move a registered model's alias to a version, if its metric passes the gate")
@@ -112,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.print_config:
                 print(dump_config(cfg), end="")
                 return 0
+            require_extras(_extras_needed(cfg))
             if cfg.launch.launcher == "ray":
                 from launch.ray_launcher import run_ray
 
@@ -130,6 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--steps={args.steps} and --rounds={args.rounds} must both be >= 1")
             result = bench_step(load_config(args.config, args.overrides), steps=args.steps, rounds=args.rounds)
             print(result.as_json() if args.json else result.table())
+        elif args.command == "bench" and args.bench_command == "train":
+            from launch.bench import bench_train
+
+            measured = bench_train(load_config(args.config, args.overrides), config_name=args.config)
+            (Path(measured.run_dir) / "bench.json").write_text(measured.as_json() + "\n")
+            print(measured.as_json() if args.json else f"{measured.table()}\n(also in {measured.run_dir}/bench.json)")
         elif args.command == "bench" and args.bench_command == "launch":
             import tempfile
 
@@ -146,6 +176,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(bench_data_command(root=args.root, num_images=args.images, batch_size=args.batch_size,
                                      num_workers=args.num_workers, image_size=args.image_size, rounds=args.rounds,
                                      as_json=args.json))
+        elif args.command in ("eval", "export"):
+            from launch.artifacts import evaluate_trained, export_trained, load_trained
+
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if args.source.startswith("models:/") and uri is None:
+                uri = _embedded_store()
+            trained = load_trained(args.source, tracking_uri=uri)
+            if args.command == "export":
+                written = export_trained(trained, Path(args.out))
+                print(f"{trained.source}:\n  state dict  {written['state_dict']}\n  torch.export  {written['program']} "
+                      f"(float32 [N, 3, {trained.cfg.data.image_size}, {trained.cfg.data.image_size}], normalised "
+                      "with the ImageNet mean/std, -> logits)")
+                return 0
+            if args.batch_size is not None and args.batch_size < 1:
+                raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+            scores = evaluate_trained(trained, data_root=args.data,
+                                      overrides={"batch_size": args.batch_size} if args.batch_size else None)
+            if args.json:
+                print(json.dumps({"source": trained.source, **scores}))
+            else:
+                print(f"{trained.source}\nval top-1  {100 * scores['val_top1']:.2f}% of {int(scores['val_images'])} "
+                      f"images\nval top-5  {100 * scores['val_top5']:.2f}%\nval loss   {scores['val_loss']:.4f}")
         elif args.command == "promote":
             from launch.registry import EXIT_REFUSED, promote
 
@@ -164,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prepare_command(args.root, out=args.out, num_workers=args.num_workers)
             else:
                 render_digits_command(args.out)
-    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, MissingExtraError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
@@ -177,6 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preempted: {error}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def _extras_needed(cfg: RunConfig) -> list[str]:
+    """The optional dependencies a run of `cfg` imports somewhere (on the workers too)."""
+    needed = {"ray": cfg.launch.launcher == "ray", "mlflow": cfg.tracking.enabled,
+              "deepspeed": cfg.distributed.strategy == "deepspeed",
+              "nvidia.dali": cfg.data.loader == "dali" and cfg.data.dataset != "synthetic"}
+    return [module for module, used in needed.items() if used]
 
 
 def _embedded_store() -> str:

@@ -5,9 +5,11 @@ A registered version holds two things:
   library gives, uint8 RGB images of shape [N, S, S, 3] (S = data.image_size: resize or centre-crop first),
   normalises them as training did and returns class ids [N] (int64).
   `mlflow.pyfunc.load_model("models:/NAME@production").predict(images)` is all a consumer needs.
-- `torchvision/model.pt`: the raw state dict, loadable into torchvision's ResNet of the same depth (and
-  `trainer.models.build_model` with the same model config) for fine-tuning or logits.
-Its tags say where it comes from: val_top1, val_top5, epochs, step, dataset, config_hash, run_id.
+- the run artifacts `weights/step_<n>/model.pt`, the raw state dict, loadable into torchvision's ResNet of
+  the same depth (and `trainer.models.build_model` with the same model config) for fine-tuning or logits,
+  and `weights/step_<n>/config.yaml`, the config that trained it (a resumed run may have changed it).
+Its tags say where it comes from: val_top1, val_top5, epochs, step, dataset, config_hash, run_id, and
+`weights` (the artifact folder above).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from configs.extras import import_extra
-from configs.loader import ConfigError
+from configs.loader import ConfigError, dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.fs import open_storage
@@ -91,6 +93,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         "step": meta["step"], "dataset": cfg.data.dataset, "data_root": cfg.data.root,
         "config_hash": _config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
         "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
+        "weights": f"weights/step_{meta['step']:09d}",
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)
@@ -99,14 +102,15 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
         info = mlflow.pytorch.log_model(classifier, name="model", signature=signature, input_example=example,
                                         serialization_format="pt2", pip_requirements=requirements)
-        state = Path(scratch) / "model.pt"
-        torch.save(network.state_dict(), state)
-        mlflow.log_artifact(str(state), artifact_path="torchvision")
+        torch.save(network.state_dict(), Path(scratch) / "model.pt")
+        (Path(scratch) / "config.yaml").write_text(dump_config(cfg))
+        mlflow.log_artifact(str(Path(scratch) / "model.pt"), artifact_path=tags["weights"])
+        mlflow.log_artifact(str(Path(scratch) / "config.yaml"), artifact_path=tags["weights"])
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
         f"{cfg.model.name} on {cfg.data.dataset}, step {meta['step']} of run {run_id}: "
         f"val top-1 {tags.get('val_top1', '?')}. Input: {tags['input']}; output: {tags['output']}. "
-        "The raw torchvision state dict is the run's artifact torchvision/model.pt."))
+        f"The raw torchvision state dict is the run's artifact {tags['weights']}/model.pt."))
     return f"models:/{name}/{version.version}"
 
 

@@ -36,3 +36,15 @@ def test_core_packages_import_without_any_heavy_dependency() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_train_checks_the_extras_its_config_needs_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    assert main(["train", "launch.runs_dir=/nonexistent/runs"]) == 2
+    assert "pip install 'resnet-train[mlflow]'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["train", "tracking.enabled=false"]) == 2
+    assert "pip install 'resnet-train[ray]'" in capsys.readouterr().err

@@ -189,8 +189,10 @@ def test_each_finished_run_registers_a_version_a_fresh_process_predicts_with(
     ids = np.load(tmp_path / "ids.npy")
     assert ids.shape == labels.shape and ids.dtype == np.int64
     # The same ids as the raw torchvision-layout weights registered beside it, normalised by hand.
-    state = torch.load(client.download_artifacts(run_id, "torchvision/model.pt", str(tmp_path)), weights_only=True)
-    network = build_model(load_config_of(runs / "first").model)
+    assert latest.tags["weights"] == "weights/step_000000044"
+    weights = Path(client.download_artifacts(run_id, latest.tags["weights"], str(tmp_path)))
+    state = torch.load(weights / "model.pt", weights_only=True)
+    network = build_model(load_config(weights / "config.yaml").model)
     network.load_state_dict(state)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():

@@ -1,0 +1,127 @@
+"""`eval` and `export`: a trained model, from a checkpoint or the registry, evaluated on a data set or written
+out for serving.
+
+A source is either a checkpoint URL (a run's checkpoints folder, whose newest committed step is used, or one
+`step_<n>` folder in it, as summary.json's `checkpoint_url` names it) or a registry URI
+(`models:/NAME/VERSION` or `models:/NAME@ALIAS`), whose run holds the raw state dict and the config.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from configs.extras import import_extra
+from configs.loader import ConfigError, config_from_dict, load_config
+from configs.schema import RunConfig
+from data_pipeline.fs import open_storage
+from trainer.checkpoint import CheckpointManager
+from trainer.models import build_model
+from trainer.serialize import from_bytes
+
+STEP_FOLDER = re.compile(r"^(?P<folder>.*)/step_(?P<step>\d+)/?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Trained:
+    """A trained network (CPU, eval mode), the config that trained it, and where it came from."""
+
+    network: nn.Module
+    cfg: RunConfig
+    source: str
+
+
+def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
+    """The network and config of a checkpoint URL or a registry URI (see the module docstring)."""
+    if source.startswith("models:/"):
+        return _from_registry(source, tracking_uri)
+    match = STEP_FOLDER.match(source.rstrip("/"))
+    folder = match["folder"] if match else source
+    manager = CheckpointManager(open_storage(folder), keep_last=1)
+    if match:
+        step = int(match["step"])
+        manifest = manager.manifest(step)
+        if manifest is None:
+            raise FileNotFoundError(f"{source}: no committed checkpoint of step {step} there")
+    else:
+        manifest = manager.latest()
+        if manifest is None:
+            raise FileNotFoundError(f"{source}: no committed checkpoint there (a run's checkpoints folder, "
+                                    "a step_<n> folder in it, or models:/NAME@ALIAS)")
+    cfg = config_from_dict(manifest.meta["config"], f"{manager.url(manifest.step)}/manifest.json")
+    network = build_model(cfg.model)
+    network.load_state_dict(from_bytes(manager.read(manifest.step, "model.pt")))
+    return Trained(network.eval(), cfg, manager.url(manifest.step))
+
+
+def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
+    mlflow = import_extra("mlflow")
+    client = mlflow.MlflowClient(tracking_uri)
+    match = re.match(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$", uri)
+    if match is None:
+        raise ConfigError(f"{uri}: a registry URI looks like models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if match["version"]:
+            version = client.get_model_version(match["name"], match["version"])
+        else:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+    except Exception as error:  # unknown name, version or alias; an unreachable server
+        raise ConfigError(f"{uri} at {client.tracking_uri}: {error}") from None
+    if "weights" not in version.tags:
+        raise ConfigError(f"{uri}: version {version.version} was not registered by this trainer (no weights tag)")
+    with tempfile.TemporaryDirectory(prefix="registry-") as scratch:
+        folder = Path(client.download_artifacts(version.run_id, version.tags["weights"], scratch))
+        cfg = load_config(folder / "config.yaml")
+        state = folder / "model.pt"
+        network = build_model(cfg.model)
+        network.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+    return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})")
+
+
+def evaluate_trained(trained: Trained, *, data_root: str | None = None, overrides: dict[str, Any] | None = None,
+                     device: torch.device | None = None) -> dict[str, float]:
+    """Top-1/top-5 and loss of `trained` over the val split of its data set (or of the one at `data_root`),
+    in one process on `device` (default: the first GPU, else the CPU)."""
+    from data_pipeline import build_loaders
+    from trainer.evaluate import evaluate
+    from trainer.precision import resolve_precision
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = trained.cfg.data
+    if data_root is not None:
+        data = replace(data, root=data_root, index_dir=None)
+    data = replace(data, **(overrides or {}))
+    precision = resolve_precision(trained.cfg.precision, device)
+    loaders = build_loaders(data, seed=trained.cfg.seed, device=device, dtype=precision.input_dtype)
+    if len(loaders.classes) != trained.cfg.model.num_classes:
+        raise ConfigError(f"the data set at {data.root} has {len(loaders.classes)} classes, the model "
+                          f"{trained.cfg.model.num_classes}")
+    channels_last = trained.cfg.precision.channels_last
+    network = trained.network.to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return evaluate(network, loaders.val, precision, channels_last=channels_last)
+
+
+def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
+    """Write `out/model.pt` (the torchvision-compatible state dict) and `out/model.pt2` (a torch.export program:
+    float32 images [N, 3, S, S], normalised as in training, to logits [N, classes]; N is dynamic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    network = trained.network.cpu().eval()
+    state = out / "model.pt"
+    torch.save(network.state_dict(), state)
+    size = trained.cfg.data.image_size
+    example = torch.randn(2, 3, size, size)
+    program = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    exported = out / "model.pt2"
+    torch.export.save(program, exported)
+    return {"state_dict": state, "program": exported}
+
+
+__all__ = ["Trained", "evaluate_trained", "export_trained", "load_trained"]
