@@ -231,8 +231,8 @@ class TrackingConfig:
     model_name: str | None = None
     """Registered model the versions go to; None: <model.name>-<data.dataset>, e.g. resnet50-imagenet."""
     promote_alias: str | None = None
-    """After registering, move this alias (e.g. staging) to the new version if the promotion gate allows:
-    `promote_metric` at least `promote_min` and not below the alias's current holder."""
+    """After registering (not without `register`), move this alias (e.g. staging) to the new version if the
+    promotion gate allows: `promote_metric` at least `promote_min` and not below the alias's current holder."""
     promote_metric: str = "val_top1"
     """The version tag the promotion gate compares."""
     promote_min: float | None = None
@@ -242,8 +242,6 @@ class TrackingConfig:
         _require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
         _require(self.promote_alias is None or RESERVED_ALIAS.match(self.promote_alias) is None, "promote_alias",
                  self.promote_alias, "is reserved by MLflow (v<number>, latest)")
-        _require(self.promote_alias is None or self.register, "promote_alias", self.promote_alias,
-                 "needs tracking.register=true")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,6 +1,6 @@
-"""The quickstart as a user runs it, at reduced size (one epoch instead of the recipe's): `python -m launch
-train` on the embedded defaults in a fresh process (2 Ray workers on a local Ray cluster, DALI on CPU
-threads, DDP over gloo), tracked in the embedded MLflow store, its model registered and passed through the
+"""The quickstart as a user runs it, at reduced size: `python -m launch
+train` on the embedded defaults, 3 epochs of the 10, in a fresh process (2 Ray workers on a local Ray
+cluster, DALI on CPU threads, DDP over gloo), tracked in the embedded MLflow store, its model registered and passed through the
 promotion gate to `staging`; then the registered model is evaluated and exported as README says."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 @pytest.mark.mlflow
 def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Path, digits_root: Path) -> None:
     runs = tmp_path / "runs"
-    # One epoch reaches about half the full recipe's accuracy: the gate's floor is lowered to match.
-    overrides = [f"launch.runs_dir={runs}", f"data.root={digits_root}", "launch.name=qs", "schedule.epochs=1",
-                 "tracking.promote_min=0.3"]
+    # 3 of the recipe's 10 epochs: the gate's floor is lowered to match.
+    overrides = [f"launch.runs_dir={runs}", f"data.root={digits_root}", "launch.name=qs", "schedule.epochs=3",
+                 "tracking.promote_min=0.5"]
     out = launch("train", *overrides).stdout
     assert "images_per_s" in out and "eta" in out and "val top-1" in out
 
@@ -44,12 +44,12 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
     assert resolved.data.loader == "dali" and resolved.distributed.strategy == "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = summary["steps"]
-    assert summary["epochs"] == 1 and summary["val_images"] == 355 and summary["world_size"] == 2
+    assert summary["epochs"] == 3 and summary["val_images"] == 355 and summary["world_size"] == 2
     assert summary["images_per_s"] > 0
     assert summary["checkpoint_url"] == str(checkpoints / f"step_{steps:09d}")
     assert sorted(p.name for p in Path(summary["checkpoint_url"]).iterdir()) == [
         "manifest.json", "model.pt", "rank_0.pt", "rank_1.pt", "train_state.pt"]
-    assert summary["val_top1"] > 0.3  # one epoch of ResNet-18 on digits; chance is 10%
+    assert summary["val_top1"] > 0.5  # 3 epochs of ResNet-18 on digits; chance is 10%
     assert f"{100 * summary['val_top1']:.2f}%" in out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == steps and lines[-1]["val_top1"] == summary["val_top1"]
@@ -68,7 +68,7 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
     exported = launch("export", summary["checkpoint_url"], "--out", str(tmp_path / "export")).stdout
     assert "model.pt2" in exported
     program = torch.export.load(tmp_path / "export" / "model.pt2").module()
-    logits = program(torch.randn(3, 3, 32, 32))
+    logits = program(torch.randn(3, 3, 16, 16))
     assert logits.shape == (3, 10)
     state = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
     assert "fc.weight" in state and state["conv1.weight"].shape == (64, 3, 3, 3)  # the small-input stem

@@ -1,9 +1,10 @@
-"""`python -m launch bench step` and `bench data`: every variant runs and the ratios are theirs."""
+"""`python -m launch bench step`, `bench data` and `bench train`: every variant runs and the ratios are theirs."""
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,28 @@ def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytes
     assert record["over_torch"]["dali-cpu"] == pytest.approx(
         statistics.median(record["images_per_s"]["dali-cpu"]) / statistics.median(record["images_per_s"]["torch"]))
     assert main(["bench", "data", "--rounds", "0"]) == 2
+
+
+def test_bench_train_reports_the_runs_own_throughput(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      digits_root: Path) -> None:
+    from launch.bench import TrainBench, peak_tflops
+
+    assert main(["bench", "train", "--json", "launch.launcher=torchrun", f"launch.runs_dir={tmp_path}",
+                 f"data.root={digits_root}", "launch.name=b", "schedule.epochs=1", "data.image_size=8",
+                 "data.batch_size=64"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert record["images_per_s"] == summary["images_per_s"] > 0 and record["world_size"] == 1
+    assert record["steps"] == summary["steps"] == 22 and record["training_gflops_per_image"] > 0
+    assert record["mfu"] is None and record["device"] == "cpu"  # no peak to compare with on a CPU
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == record
+    assert not (tmp_path / "mlflow.db").exists()  # a benchmark is not tracked
+
+    # MFU on a GPU of the table: achieved FLOP/s per device over the dense bf16 peak.
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0 and peak_tflops("NVIDIA H100 PCIe", "fp32") is None
+    on_gpus = TrainBench(config="x", model="resnet50", image_size=224, device="NVIDIA H100 80GB HBM3",
+                         world_size=8, precision="bf16", epochs=1, steps=1, images_per_s=8 * 3000.0,
+                         training_gflops_per_image=24.6, peak_tflops_per_device=989.4, run_dir="-")
+    assert on_gpus.mfu == pytest.approx(3000 * 24.6e9 / 989.4e12)
+    assert "MFU" in on_gpus.table() and f"{100 * on_gpus.mfu:.1f}%" in on_gpus.table()
