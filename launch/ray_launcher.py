@@ -115,6 +115,18 @@ class RaySink:
                      checkpoint_upload_mode=train.CheckpointUploadMode.NO_UPLOAD)
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every `train.report` of every rank, metrics and all, at INFO; our own progress lines
+    say the same once. (Its logger is named after its module's file.)"""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: its place in the job from Ray's context, then the same process as every launcher."""
     train = import_extra("ray.train")
@@ -123,6 +135,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from trainer.dist import DistContext
 
     cfg = config_from_dict(loop_config["config"], "the Ray driver")
+    _quiet_report_log()
     context = train.get_context()
     # The device Ray assigned to this worker: every worker on a node sees all its GPUs, so local_rank is not it.
     ctx = DistContext(rank=context.get_world_rank(), local_rank=context.get_local_rank(),
