@@ -229,7 +229,8 @@ class TrackingConfig:
     register: bool = True
     """At the end of the run, register its final model as a new version of `model_name` in the MLflow registry."""
     model_name: str | None = None
-    """Registered model the versions go to; None: <model.name>-<data.dataset>, e.g. resnet50-imagenet."""
+    """Registered model the versions go to; None: <model.name>-<data set>, the data set being digits/synthetic
+    or the last part of data.root (resnet50-imagenet for /data/imagenet)."""
     promote_alias: str | None = None
     """After registering (not without `register`), move this alias (e.g. staging) to the new version if the
     promotion gate allows: `promote_metric` at least `promote_min` and not below the alias's current holder."""

@@ -54,9 +54,16 @@ class ImageClassifier(nn.Module):
         return self.network((pixels - self.mean) / self.std).argmax(dim=1)
 
 
+def dataset_name(cfg: RunConfig) -> str:
+    """`digits`/`synthetic`, or for a folder data set the last part of its root (`imagenet` for s3://b/imagenet)."""
+    if cfg.data.dataset != "folder":
+        return cfg.data.dataset
+    return cfg.data.root.rstrip("/").rsplit("/", 1)[-1] or cfg.data.root
+
+
 def model_name(cfg: RunConfig) -> str:
-    """The registered model a run's versions go to: tracking.model_name, or <model>-<dataset>."""
-    return cfg.tracking.model_name or f"{cfg.model.name}-{cfg.data.dataset}"
+    """The registered model a run's versions go to: tracking.model_name, or <model>-<data set name>."""
+    return cfg.tracking.model_name or f"{cfg.model.name}-{dataset_name(cfg)}"
 
 
 def load_network(cfg: RunConfig, checkpoint_url: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -90,7 +97,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
     signature = import_extra("mlflow.models").infer_signature(example, predicted)
     tags = {
         "val_top1": meta.get("val_top1"), "val_top5": meta.get("val_top5"), "epochs": meta["epoch"],
-        "step": meta["step"], "dataset": cfg.data.dataset, "data_root": cfg.data.root,
+        "step": meta["step"], "dataset": dataset_name(cfg), "data_root": cfg.data.root,
         "config_hash": _config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
         "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
         "weights": f"weights/step_{meta['step']:09d}",

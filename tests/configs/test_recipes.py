@@ -19,9 +19,10 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def test_the_recipes_the_readme_lists_are_shipped() -> None:
-    assert set(RECIPES) >= {"quickstart", "resnet18-imagenet", "resnet50-imagenet", "resnet50-imagenet-8node",
-                            "resnet50-imagenet-lars", "resnet50-imagenet-deepspeed", "resnet101-imagenet",
-                            "resnet152-imagenet", "synthetic-bench"}
+    assert set(RECIPES) >= {
+        "quickstart", "resnet18-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-64gpu",
+        "resnet50-imagenet-lars-32k-64gpu", "resnet50-imagenet-zero1-8gpu", "resnet101-imagenet-90ep-8gpu",
+        "resnet152-imagenet-90ep-8gpu", "resnet50-synthetic-bench-1gpu"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -45,16 +46,25 @@ def test_each_recipe_resolves_and_builds_its_network(recipe: str) -> None:
 
 
 @pytest.mark.parametrize(("recipe", "global_batch", "peak_lr"), [
-    ("resnet50-imagenet", 2048, 0.8),
-    ("resnet50-imagenet-8node", 8192, 3.2),
-    ("resnet50-imagenet-lars", 32768, 10.8),
-    ("resnet50-imagenet-deepspeed", 2048, 0.8),
-    ("resnet18-imagenet", 2048, 0.8),
-    ("resnet101-imagenet", 2048, 0.8),
-    ("resnet152-imagenet", 1024, 0.4),
+    ("resnet50-imagenet-90ep-8gpu", 2048, 0.8),
+    ("resnet50-imagenet-90ep-64gpu", 8192, 3.2),
+    ("resnet50-imagenet-lars-32k-64gpu", 32768, 10.8),
+    ("resnet50-imagenet-zero1-8gpu", 2048, 0.8),
+    ("resnet18-imagenet-90ep-8gpu", 2048, 0.8),
+    ("resnet101-imagenet-90ep-8gpu", 2048, 0.8),
+    ("resnet152-imagenet-90ep-8gpu", 1024, 0.4),
 ])
 def test_imagenet_recipes_scale_as_their_comments_say(recipe: str, global_batch: int, peak_lr: float) -> None:
     cfg = load_config(recipe)
     assert cfg.data.batch_size * cfg.launch.num_workers == global_batch
     assert peak_learning_rate(cfg.optim, global_batch) == pytest.approx(peak_lr)
     assert cfg.schedule.epochs == 90 and cfg.schedule.warmup_epochs == 5 and cfg.schedule.decay == "cosine"
+
+
+def test_each_recipe_registers_under_a_name_that_says_model_and_data_set() -> None:
+    from launch.registry import model_name
+
+    assert model_name(load_config("quickstart")) == "resnet18-digits"
+    assert model_name(load_config("resnet50-imagenet-90ep-8gpu")) == "resnet50-imagenet"  # /data/imagenet
+    assert model_name(load_config("resnet50-imagenet-90ep-64gpu")) == "resnet50-imagenet"  # s3://my-bucket/imagenet
+    assert model_name(load_config("resnet152-imagenet-90ep-8gpu", ["tracking.model_name=r152"])) == "r152"

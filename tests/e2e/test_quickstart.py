@@ -1,7 +1,7 @@
-"""The quickstart as a user runs it, at reduced size: `python -m launch
-train` on the embedded defaults, 3 epochs of the 10, in a fresh process (2 Ray workers on a local Ray
-cluster, DALI on CPU threads, DDP over gloo), tracked in the embedded MLflow store, its model registered and passed through the
-promotion gate to `staging`; then the registered model is evaluated and exported as README says."""
+"""The quickstart as a user runs it, at reduced size: `python -m launch train` on the embedded defaults,
+3 epochs of the 10, in a fresh process (2 Ray workers on a local Ray cluster, DALI on CPU threads, DDP over
+gloo), tracked in the embedded MLflow store, its model registered and passed through the promotion gate to
+`staging`; then the registered model is evaluated and exported as README says."""
 
 from __future__ import annotations
 
