@@ -14,7 +14,7 @@ from trainer.dist import single_process_context
 
 
 def test_synthetic_loaders_shard_the_configured_images_into_full_global_batches() -> None:
-    cfg = load_config("quickstart", ["data.dataset=synthetic", "data.synthetic_images=100",
+    cfg = load_config("quickstart", ["data.dataset=synthetic", "data.synthetic_images=100", "data.image_size=32",
                                      "data.synthetic_classes=7", "data.batch_size=8"]).data
     loaders = build_loaders(cfg, seed=0, rank=1, world_size=2)
     assert len(loaders.train) == 100 // 16 and len(loaders.val) == 1 and len(loaders.classes) == 7
