@@ -116,7 +116,7 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
-    assert run.data.params["optim.lr"] == "0.05" and run.data.params["data.batch_size"] == "64"
+    assert run.data.params["optim.lr"] == "0.2" and run.data.params["data.batch_size"] == "64"
     assert run.data.tags["world_size"] == "1" and "version.torch" in run.data.tags and "config_hash" in run.data.tags
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "curves.png"}
 
