@@ -66,7 +66,8 @@ def test_evaluation_counts_every_image_once_whatever_the_batch_size(digits_root:
 
 def quick_overrides(root: Path, runs: Path) -> list[str]:
     return [f"data.root={root}", "data.dataset=folder", "data.image_size=16", "data.batch_size=64",
-            "data.num_workers=0", "schedule.epochs=1", "tracking.log_interval_steps=10", f"launch.runs_dir={runs}"]
+            "data.num_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0.2", "optim.lr=0.05",
+            "tracking.log_interval_steps=10", f"launch.runs_dir={runs}"]
 
 
 def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: Path) -> None:
