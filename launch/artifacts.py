@@ -35,6 +35,8 @@ class Trained:
     network: nn.Module
     cfg: RunConfig
     source: str
+    meta: dict[str, Any]
+    """What its source says of it: a checkpoint's manifest meta (step, epoch, val_*), or a version's tags."""
 
 
 def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
@@ -57,7 +59,7 @@ def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
     cfg = config_from_dict(manifest.meta["config"], f"{manager.url(manifest.step)}/manifest.json")
     network = build_model(cfg.model)
     network.load_state_dict(from_bytes(manager.read(manifest.step, "model.pt")))
-    return Trained(network.eval(), cfg, manager.url(manifest.step))
+    return Trained(network.eval(), cfg, manager.url(manifest.step), manifest.meta)
 
 
 def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
@@ -81,7 +83,8 @@ def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
         state = folder / "model.pt"
         network = build_model(cfg.model)
         network.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
-    return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})")
+    return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})",
+                   dict(version.tags))
 
 
 def evaluate_trained(trained: Trained, *, data_root: str | None = None, overrides: dict[str, Any] | None = None,

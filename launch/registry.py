@@ -28,10 +28,7 @@ from configs.extras import import_extra
 from configs.loader import ConfigError, dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from data_pipeline.fs import open_storage
-from trainer.checkpoint import CheckpointManager
-from trainer.models import build_model
-from trainer.serialize import from_bytes
+from launch.artifacts import load_trained
 
 EXIT_REFUSED = 5
 """`promote`'s exit status when the gate refuses the move."""
@@ -66,23 +63,13 @@ def model_name(cfg: RunConfig) -> str:
     return cfg.tracking.model_name or f"{cfg.model.name}-{dataset_name(cfg)}"
 
 
-def load_network(cfg: RunConfig, checkpoint_url: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of the newest committed checkpoint under `checkpoint_url` (CPU, eval mode) and its manifest meta."""
-    manager = CheckpointManager(open_storage(checkpoint_url), keep_last=1)
-    manifest = manager.latest()
-    if manifest is None:
-        raise FileNotFoundError(f"no committed checkpoint under {checkpoint_url}")
-    network = build_model(cfg.model)
-    network.load_state_dict(from_bytes(manager.read(manifest.step, "model.pt")))
-    return network.eval(), manifest.meta
-
-
 def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint_url: str) -> str:
     """Log the final model of run `run_id` and register it as a new version of `model_name(cfg)`; return its
     URI (models:/NAME/VERSION). A step already registered for this run (by an attempt Ray restarted after it
     had registered) is not registered twice."""
     mlflow = import_extra("mlflow")
-    network, meta = load_network(cfg, checkpoint_url)
+    trained = load_trained(checkpoint_url)  # the newest committed step: the run's final model
+    network, meta = trained.network, trained.meta
     name = model_name(cfg)
     client = mlflow.MlflowClient(tracking_uri)
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
@@ -219,5 +206,5 @@ def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: s
     return decision
 
 
-__all__ = ["EXIT_REFUSED", "Decision", "ImageClassifier", "decide", "load_network", "model_name", "promote",
+__all__ = ["EXIT_REFUSED", "Decision", "ImageClassifier", "decide", "model_name", "promote",
            "register_model"]
