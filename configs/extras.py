@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from configs.errors import MissingExtraError
+
 DISTRIBUTION = "resnet-train"
 """This package's name on the package index, for the install hint."""
 EXTRAS: dict[str, str] = {
@@ -14,10 +16,6 @@ EXTRAS: dict[str, str] = {
     "mlflow": "mlflow",
 }
 """Top-level module of each optional dependency -> the extra that installs it."""
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed; the message gives the command that installs it."""
 
 
 def import_extra(module: str) -> ModuleType:

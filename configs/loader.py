@@ -12,14 +12,11 @@ from typing import Any
 
 import yaml
 
+from configs.errors import ConfigError
 from configs.schema import InvalidValue, RunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 """Where the shipped recipes live; `--config NAME` looks here when NAME is not a path."""
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key, the value and where it came from."""
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.fs import is_remote
+from data_pipeline.storage import is_remote
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.prepare import index_folder, read_index
 

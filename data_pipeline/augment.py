@@ -12,6 +12,8 @@ import math
 import random
 from typing import NamedTuple
 
+from configs.schema import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of RGB values in [0, 1], subtracted before the model sees an image."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +54,14 @@ def train_crop(width: int, height: int, *, seed: int, min_area: float, flip: boo
         crop_width = min(width, round(height * ASPECT_RATIOS[1]))
     return Crop((width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height,
                 flip and rng.random() < 0.5)
+
+
+def crop_for(width: int, height: int, cfg: DataConfig, *, train: bool, seed: int) -> Crop:
+    """The crop of one image of `width` x `height` pixels: `train_crop` from the sample's seed when training,
+    else `val_crop` (which ignores the seed)."""
+    if train:
+        return train_crop(width, height, seed=seed, min_area=cfg.min_crop_area, flip=cfg.random_flip)
+    return val_crop(width, height, crop_ratio=cfg.val_crop_ratio)
 
 
 def val_crop(width: int, height: int, *, crop_ratio: float) -> Crop:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, train_crop, val_crop
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, crop_for
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
@@ -98,9 +98,7 @@ class DaliLoader:
         for index, seed in keys:
             sample = self.index.samples[index]
             encoded.append(np.fromfile(self.index.root / sample.path, dtype=np.uint8))
-            crop = (train_crop(sample.width, sample.height, seed=seed, min_area=self.cfg.min_crop_area,
-                               flip=self.cfg.random_flip) if self.train
-                    else val_crop(sample.width, sample.height, crop_ratio=self.cfg.val_crop_ratio))
+            crop = crop_for(sample.width, sample.height, self.cfg, train=self.train, seed=seed)
             starts.append(np.array([crop.left, crop.top], dtype=np.int32))
             shapes.append(np.array([crop.width, crop.height], dtype=np.int32))
             mirrors.append(np.array(crop.flip, dtype=np.int32))

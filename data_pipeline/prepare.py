@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.index import DatasetError, Sample, SplitIndex
+from data_pipeline.storage import atomic_write
 
 SPLITS = ("train", "val")
 INDEX_FOLDER = "index"
@@ -117,9 +118,7 @@ def prepare_index(root: str | Path, *, out: str | Path | None = None, num_worker
 
 
 def _write_text(path: Path, lines: Iterable[str]) -> None:
-    temporary = path.with_name(f"{path.name}.tmp")
-    temporary.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(temporary, path)
+    atomic_write(path, "".join(f"{line}\n" for line in lines))
 
 
 def _write_index(out: Path, classes: list[str], splits: dict[str, PreparedSplit]) -> None:

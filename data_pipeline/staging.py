@@ -15,17 +15,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.fs import open_storage
+from data_pipeline.storage import atomic_write, open_storage
 from data_pipeline.index import DatasetError, Sample
 from data_pipeline.prepare import CLASSES_FILE, EXCLUDED_FILE, INDEX_FOLDER, MARKER_FILE, SPLITS, read_index
 
@@ -76,12 +74,12 @@ def stage_dataset(url: str, stage_dir: str | Path, *, index_url: str | None = No
         (local / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(local / PARTIAL, ignore_errors=True)  # what an interrupted copy was writing
         for name, data in index.items():
-            _write_atomically(local / INDEX_FOLDER / name, data, local / PARTIAL)
+            atomic_write(local / INDEX_FOLDER / name, data, temporary_dir=local / PARTIAL)
         todo = [(split, sample) for split in SPLITS
                 for sample in read_index(local / INDEX_FOLDER, local, split).samples
                 if _size(local / split / sample.path) != sample.num_bytes]
         _copy(url, local, todo, num_threads=num_threads, report_every_s=report_every_s, log=log)
-        _write_atomically(local / COMPLETE, json.dumps({"url": url, "index": fingerprint}).encode(), local / PARTIAL)
+        atomic_write(local / COMPLETE, json.dumps({"url": url, "index": fingerprint}), temporary_dir=local / PARTIAL)
     return StagedDataset(root=local, copied_files=len(todo), copied_bytes=sum(s.num_bytes for _, s in todo))
 
 
@@ -118,7 +116,7 @@ def _copy(url: str, local: Path, todo: list[tuple[str, Sample]], *, num_threads:
         if len(data) != sample.num_bytes:
             raise DatasetError(f"{url}/{source} has {len(data)} bytes but the index says {sample.num_bytes}: "
                                "the data set changed after `data prepare`; run it again and upload the new index")
-        _write_atomically(local / source, data, local / PARTIAL)
+        atomic_write(local / source, data, temporary_dir=local / PARTIAL)
         return len(data)
 
     start = last_report = time.perf_counter()
@@ -140,11 +138,3 @@ def _size(path: Path) -> int | None:
     except FileNotFoundError:
         return None
 
-
-def _write_atomically(path: Path, data: bytes, partial: Path) -> None:
-    """Write `data` to a new file in `partial` (on the same disk), then rename it to `path`."""
-    partial.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = partial / uuid.uuid4().hex
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

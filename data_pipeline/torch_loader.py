@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from configs.schema import DataConfig
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, train_crop, val_crop
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, crop_for
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
@@ -34,9 +34,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         index, seed = key
         sample = self.index.samples[index]
         with Image.open(self.index.root / sample.path) as image:
-            crop = (train_crop(image.width, image.height, seed=seed, min_area=self.cfg.min_crop_area,
-                               flip=self.cfg.random_flip) if self.train
-                    else val_crop(image.width, image.height, crop_ratio=self.cfg.val_crop_ratio))
+            crop = crop_for(image.width, image.height, self.cfg, train=self.train, seed=seed)
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
             size = (self.cfg.image_size, self.cfg.image_size)
             # One resampling of the window (PIL filters with antialiasing when it shrinks).

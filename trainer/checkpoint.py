@@ -10,13 +10,27 @@ newest `keep_last` steps and the best one by validation top-1 are kept.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline.fs import Storage
+from data_pipeline.storage import TEMPORARY_MARK, Storage, open_storage
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+STEP_FOLDER = re.compile(r"^step_(?P<step>\d+)$")
+"""The name of one step's folder; `step_folder` writes it."""
+
+
+def step_folder(step: int) -> str:
+    """The folder name of `step`, zero-padded so that names sort by step: `step_000001234`."""
+    return f"step_{step:09d}"
+
+
+def open_checkpoints(url: str, *, keep_last: int = 1) -> CheckpointManager:
+    """The checkpoint manager of the checkpoints at `url` (a path or any URL `open_storage` takes).
+    `keep_last` matters only to a writer; readers can leave it."""
+    return CheckpointManager(open_storage(url), keep_last=keep_last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,27 +52,22 @@ class CheckpointManager:
         self.storage = storage
         self.keep_last = keep_last
 
-    @staticmethod
-    def folder(step: int) -> str:
-        """The folder name of `step` (zero-padded so names sort by step)."""
-        return f"step_{step:09d}"
-
     def url(self, step: int) -> str:
-        """Where `step` lives, for messages."""
-        return f"{self.storage.url.rstrip('/')}/{self.folder(step)}"
+        """Where `step` lives."""
+        return f"{self.storage.url.rstrip('/')}/{step_folder(step)}"
 
     def write(self, step: int, files: dict[str, bytes]) -> None:
         """Write data files of `step` (every rank writes its own); nothing is visible until `commit`."""
         if self.manifest(step) is not None:
             raise FileExistsError(f"checkpoint {self.url(step)} is already committed; a step is never overwritten")
         for name, data in files.items():
-            self.storage.write_bytes(f"{self.folder(step)}/{name}", data)
+            self.storage.write_bytes(f"{step_folder(step)}/{name}", data)
 
     def commit(self, step: int, meta: dict[str, Any]) -> Manifest:
         """Make `step` visible: list its files with their sizes in the manifest, then prune old steps.
         Call once, on one process, after every writer has finished."""
-        folder = self.folder(step)
-        names = [name for name in self.storage.list(folder) if name != MANIFEST and ".tmp-" not in name]
+        folder = step_folder(step)
+        names = [name for name in self.storage.list(folder) if name != MANIFEST and TEMPORARY_MARK not in name]
         files = {name: self.storage.size(f"{folder}/{name}") or 0 for name in names}
         manifest = Manifest(step=step, files=files, meta=meta)
         record = {"format": FORMAT_VERSION, "step": step, "files": files, "meta": meta}
@@ -73,7 +82,7 @@ class CheckpointManager:
 
     def manifest(self, step: int) -> Manifest | None:
         """The manifest of `step` if it is complete and every file it lists is there at its size, else None."""
-        folder = self.folder(step)
+        folder = step_folder(step)
         try:
             record = json.loads(self.storage.read_bytes(f"{folder}/{MANIFEST}"))
         except (FileNotFoundError, ValueError):
@@ -87,7 +96,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Steps that have a folder, committed or not, in increasing order."""
-        return sorted(int(name[5:]) for name in self.storage.list() if name.startswith("step_") and name[5:].isdigit())
+        return sorted(int(match["step"]) for name in self.storage.list() if (match := STEP_FOLDER.match(name)))
 
     def committed(self) -> list[Manifest]:
         """Every complete checkpoint, oldest first."""
@@ -102,7 +111,7 @@ class CheckpointManager:
 
     def read(self, step: int, name: str) -> bytes:
         """One data file of a committed step."""
-        return self.storage.read_bytes(f"{self.folder(step)}/{name}")
+        return self.storage.read_bytes(f"{step_folder(step)}/{name}")
 
     def prune(self) -> None:
         """Keep the newest `keep_last` committed steps and the best by meta['val_top1']; delete the rest,
@@ -119,4 +128,4 @@ class CheckpointManager:
         for step in self.steps():
             stale = step not in committed_steps and step < newest
             if stale or (step in committed_steps and step not in keep):
-                self.storage.remove(self.folder(step))
+                self.storage.remove(step_folder(step))

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from data_pipeline.storage import atomic_write
+
 
 class MetricSink(Protocol):
     """Receives metrics keyed by name at a global optimiser step, and news of committed checkpoints."""
@@ -72,9 +74,7 @@ class JsonLinesSink:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines(keepends=True)
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            temporary = path.with_name(f"{path.name}.tmp")
-            temporary.write_text("".join(kept))
-            temporary.replace(path)
+            atomic_write(path, "".join(kept))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Append `metrics` at `step` as one line."""

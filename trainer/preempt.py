@@ -8,10 +8,6 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-EXIT_PREEMPTED = 75
-"""Exit status of a preempted run (EX_TEMPFAIL: "try again"), for schedulers that requeue on it."""
-
-
 class Preempted(Exception):
     """The run stopped on SIGTERM after committing a checkpoint it can resume from."""
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from configs.loader import ConfigError, config_to_dict
+from configs.errors import IncompatibleSettings
+from configs.loader import config_to_dict
 from configs.schema import RunConfig
 from trainer.checkpoint import CheckpointManager, Manifest
 from trainer.dist import DistContext, barrier
-from trainer.serialize import from_bytes, to_bytes
 from trainer.ema import Ema
+from trainer.metrics import MetricSink
+from trainer.serialize import from_bytes, to_bytes
 from trainer.strategy import Strategy
 
 
@@ -61,12 +65,13 @@ def check_compatible(manifest: Manifest, url: str, cfg: RunConfig, *, global_bat
     saved = manifest.meta["architecture"]
     wanted = architecture(cfg)
     if saved != wanted:
-        raise ConfigError(f"checkpoint {url} holds {saved}, but this run builds {wanted} (model.*): "
-                          "point checkpoint.url elsewhere or change the model config")
+        raise IncompatibleSettings(f"checkpoint {url} holds {saved}, but this run builds {wanted} (model.*): "
+                                   "point checkpoint.url elsewhere or change the model config")
     if manifest.meta["global_batch_size"] != global_batch_size:
-        raise ConfigError(f"checkpoint {url} was trained with a global batch of {manifest.meta['global_batch_size']} "
-                          f"images, this run uses {global_batch_size} (data.batch_size x world size): "
-                          "resuming would change which images each step sees")
+        raise IncompatibleSettings(
+            f"checkpoint {url} was trained with a global batch of {manifest.meta['global_batch_size']} images, this "
+            f"run uses {global_batch_size} (data.batch_size x world size): resuming would change which images each "
+            "step sees")
 
 
 def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_batch_size: int, world_size: int,
@@ -122,3 +127,54 @@ def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strateg
         # training itself; only generators that other code may draw from start afresh.
         warnings.warn(f"checkpoint {manager.url(step)} was written by {manifest.meta['world_size']} ranks, this run "
                       f"has {ctx.world_size}: random generator states are not restored", stacklevel=2)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpointer:
+    """The run's side of its checkpoints: `resume()` at start-up (which makes every start a resume) and
+    `save(step)` with the manifest facts, announced to the sinks. Without a checkpoint URL both do nothing."""
+
+    manager: CheckpointManager | None
+    """Where checkpoints go (None: checkpoint.url is not set)."""
+    cfg: RunConfig
+    """The run's config, recorded in every manifest."""
+    strategy: Strategy
+    """Model, optimizer and the strategy's own files."""
+    ema: Ema | None
+    """The weight average, if on."""
+    ctx: DistContext
+    """This process's place in the job."""
+    sinks: Sequence[MetricSink]
+    """Told of every committed checkpoint."""
+    steps_per_epoch: int
+    """For the manifest's epoch."""
+    global_batch_size: int
+    """Recorded, and checked on resume: a step means the same images only with the same global batch."""
+    extra_meta: Callable[[], dict[str, Any]] | None = None
+    """On the primary process: more facts for each manifest at the moment it is written."""
+
+    def resume(self) -> tuple[int, dict[str, float]]:
+        """Load the newest committed step if there is one (refusing one that does not fit this run); return
+        the step to continue from (0 for a fresh run) and the validation scores saved with it."""
+        if self.manager is None or (manifest := self.manager.latest()) is None:
+            return 0, {}
+        check_compatible(manifest, self.manager.url(manifest.step), self.cfg,
+                         global_batch_size=self.global_batch_size)
+        load_state(self.manager, manifest, self.strategy, self.ema, self.ctx)
+        return manifest.step, {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
+
+    def save(self, step: int, val: dict[str, float] | None = None) -> None:
+        """Write and commit checkpoint `step` on every rank (with `val`, the epoch's scores, when it ends one)."""
+        if self.manager is None:
+            return
+        meta = checkpoint_meta(self.cfg, step=step, steps_per_epoch=self.steps_per_epoch,
+                               global_batch_size=self.global_batch_size, world_size=self.ctx.world_size, val=val)
+        if self.extra_meta is not None:
+            meta.update(self.extra_meta())
+        save_state(self.manager, step, self.strategy, self.ema, self.ctx, meta=meta)
+        for sink in self.sinks:
+            sink.on_checkpoint(step, self.manager.url(step))
+
+    def where(self, step: int) -> str:
+        """Where checkpoint `step` is, for messages."""
+        return self.manager.url(step) if self.manager is not None else "nowhere (checkpoint.url is not set)"

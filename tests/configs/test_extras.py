@@ -30,7 +30,7 @@ def test_core_packages_import_without_any_heavy_dependency() -> None:
     code = (
         "import sys\n"
         f"for name in ({blocked},): sys.modules[name] = None\n"
-        "import configs, data_pipeline, trainer, launch.cli, launch.local\n"
+        "import configs, data_pipeline, trainer, launch.cli, launch.orchestration.local\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

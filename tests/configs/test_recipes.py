@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from configs import CONFIG_DIR, load_config
-from trainer import check_distributed
+from trainer.engine import check_distributed
 from trainer.dist import DistContext
 from trainer.models import build_model
 from trainer.optim import peak_learning_rate
@@ -62,7 +62,7 @@ def test_imagenet_recipes_scale_as_their_comments_say(recipe: str, global_batch:
 
 
 def test_each_recipe_registers_under_a_name_that_says_model_and_data_set() -> None:
-    from launch.registry import model_name
+    from launch.tracking.registry import model_name
 
     assert model_name(load_config("quickstart")) == "resnet18-digits"
     assert model_name(load_config("resnet50-imagenet-90ep-8gpu")) == "resnet50-imagenet"  # /data/imagenet

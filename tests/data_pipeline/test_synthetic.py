@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import trainer
-from configs import ConfigError, load_config
+from configs import IncompatibleSettings, load_config
 from data_pipeline import build_loaders
 from trainer.dist import single_process_context
 
@@ -31,5 +31,5 @@ def test_synthetic_loaders_shard_the_configured_images_into_full_global_batches(
 def test_synthetic_classes_must_match_the_model(tmp_path: Path) -> None:
     cfg = load_config("quickstart", ["data.dataset=synthetic", "data.synthetic_images=64",
                                      "data.synthetic_classes=1000"])
-    with pytest.raises(ConfigError, match="model.num_classes=10 but data.synthetic_classes has 1000 classes"):
+    with pytest.raises(IncompatibleSettings, match="model.num_classes=10 but data.synthetic_classes has 1000 classes"):
         trainer.run(cfg, single_process_context(), [])

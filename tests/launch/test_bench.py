@@ -46,7 +46,7 @@ def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytes
 
 def test_bench_train_reports_the_runs_own_throughput(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                       digits_root: Path) -> None:
-    from launch.bench import TrainBench, peak_tflops
+    from launch.bench.train import TrainBench, peak_tflops
 
     assert main(["bench", "train", "--json", "launch.launcher=torchrun", f"launch.runs_dir={tmp_path}",
                  f"data.root={digits_root}", "launch.name=b", "schedule.epochs=1", "data.image_size=8",

@@ -56,3 +56,37 @@ def test_diverging_training_exits_3_with_the_reason(tmp_path: Path, digits_root:
                  "optim.max_nonfinite_steps=3"])
     assert code == 3
     assert "training stopped: " in capsys.readouterr().err
+
+
+def test_every_command_is_registered_with_its_handler(capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import COMMANDS, build_parser
+
+    words = {" ".join(registered.words) for registered in COMMANDS}
+    assert words == {"train", "bench step", "bench data", "bench train", "bench launch", "eval", "export", "promote",
+                     "data prepare", "data digits"}
+    parser = build_parser()
+    for registered in COMMANDS:
+        required = [flags[0] for flags, options in registered.arguments
+                    if not flags[0].startswith("-") and options.get("nargs") != "*"]
+        extra = ["--out", "x"] if registered.words[0] == "export" or registered.words == ("data", "digits") else []
+        extra += ["--version", "1", "--alias", "a"] if registered.words == ("promote",) else []
+        args = parser.parse_args([*registered.words, *(["x"] * len(required)), *extra])
+        assert args.handler is registered.handler
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "exit status: 0 done; 2 bad input" in capsys.readouterr().out
+
+
+def test_each_error_kind_has_its_exit_status() -> None:
+    from configs.errors import ConfigError, IncompatibleSettings, MissingExtraError
+    from data_pipeline import DatasetError
+    from launch.errors import PromotionRefused, RunFailed, exit_status
+    from trainer import TrainingDiverged
+    from trainer.preempt import Preempted
+
+    statuses = {kind: exit_status(kind) for kind in (ConfigError, IncompatibleSettings, MissingExtraError,
+                                                      DatasetError, FileNotFoundError, TrainingDiverged, RunFailed,
+                                                      PromotionRefused, Preempted)}
+    assert list(statuses.values()) == [2, 2, 2, 2, 2, 3, 4, 5, 75]
+    with pytest.raises(StopIteration):
+        exit_status(KeyError)  # a bug, not a user's error: no status, it propagates with its traceback

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.fs import open_storage
 from tests.launch.test_preemption import REPO, train_command
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 from trainer.state import from_bytes
 
 # Runs `python -m launch` with one change: when the model file of step 10 is written, half of it lands in
 # place (as on a store without atomic rename) and the process is killed on the spot.
 KILLED_WHILE_WRITING = """
 import os, signal, sys
-from data_pipeline.fs import FsspecStorage
+from data_pipeline.storage import FsspecStorage
 write_bytes = FsspecStorage.write_bytes
 def torn(self, path, data):
     if path.endswith("step_000000010/model.pt"):
@@ -34,7 +33,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def final_model(checkpoints: Path) -> dict[str, torch.Tensor]:
-    manager = CheckpointManager(open_storage(str(checkpoints)), keep_last=1)
+    manager = open_checkpoints(str(checkpoints), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None and manifest.step == 22
     return from_bytes(manager.read(22, "model.pt"))
@@ -48,7 +47,7 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint_and_the_run_resumes_exa
                             cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoints = tmp_path / "killed" / "checkpoints"
-    manager = CheckpointManager(open_storage(str(checkpoints)), keep_last=2)
+    manager = open_checkpoints(str(checkpoints), keep_last=2)
     torn = checkpoints / "step_000000010"
     assert (torn / "model.pt").exists() and not (torn / "manifest.json").exists()
     latest = manager.latest()

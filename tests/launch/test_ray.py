@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from configs import load_config
-from data_pipeline.fs import open_storage
 from tests.multiproc import run_ranks
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 from trainer.serialize import from_bytes
 
 pytest.importorskip("ray")
@@ -40,7 +39,7 @@ def overrides(root: Path, runs: Path, name: str, *extra: str) -> list[str]:
 
 
 def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1)
+    manager = open_checkpoints(str(checkpoint_dir), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None and manifest.step == TOTAL_STEPS
     return from_bytes(manager.read(manifest.step, "model.pt"))
@@ -127,7 +126,7 @@ def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
     finally:
         driver.kill()
     assert driver.returncode == 4, output[-5000:]
-    checkpoints = CheckpointManager(open_storage(str(tmp_path / "fragile" / "checkpoints")), keep_last=1)
+    checkpoints = open_checkpoints(str(tmp_path / "fragile" / "checkpoints"), keep_last=1)
     latest = checkpoints.latest()
     assert latest is not None and 10 <= latest.step < TOTAL_STEPS  # committed and intact
     assert (f"run fragile failed 1 times (launch.max_failures=0); the last good checkpoint is "

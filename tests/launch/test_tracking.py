@@ -20,9 +20,8 @@ from PIL import Image
 
 from configs import ConfigError, RunConfig, load_config
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from data_pipeline.fs import open_storage
 from tests.multiproc import free_port
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 
 pytest.importorskip("mlflow")
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
@@ -124,7 +123,7 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44]
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22, 44]
-    manifest = CheckpointManager(open_storage(str(runs / "first" / "checkpoints")), keep_last=1).latest()
+    manifest = open_checkpoints(str(runs / "first" / "checkpoints"), keep_last=1).latest()
     assert manifest is not None and manifest.meta["mlflow"] == {"tracking_uri": server.uri, "run_id": run_id}
     summary = json.loads((runs / "first" / "summary.json").read_text())
     assert summary["tracking_uri"] == server.uri and summary["mlflow_run_id"] == run_id
@@ -133,7 +132,7 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
 def test_a_checkpoint_names_the_run_to_continue(tmp_path: Path) -> None:
     """A new run folder started from another run's checkpoints continues the MLflow run its checkpoint names."""
     from configs import load_config
-    from launch.tracking import MlflowSink
+    from launch.tracking.sink import MlflowSink
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: the sink only queues
     cfg = load_config("quickstart", [f"tracking.uri={uri}"])
@@ -166,7 +165,7 @@ def test_each_finished_run_registers_a_version_a_fresh_process_predicts_with(
         recorded: tuple[Server, Path], digits_root: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from launch.tracking import config_hash
+    from launch.tracking.sink import config_hash
     from trainer.models import build_model
 
     server, runs = recorded
@@ -207,7 +206,7 @@ def test_each_finished_run_registers_a_version_a_fresh_process_predicts_with(
 def test_promotion_moves_the_alias_only_through_the_gate(recorded: tuple[Server, Path]) -> None:
     from mlflow import MlflowClient
 
-    from launch.registry import promote
+    from launch.tracking.registry import promote
 
     server, _ = recorded
     client = MlflowClient(server.uri)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.fs import open_storage
-from trainer.checkpoint import CheckpointManager
+from data_pipeline.storage import open_storage
+from trainer.checkpoint import CheckpointManager, open_checkpoints, step_folder
 
 
 @pytest.fixture(params=["memory", "local"])
 def manager(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointManager:
     url = f"memory://ckpt-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "ckpt")
-    return CheckpointManager(open_storage(url), keep_last=2)
+    return open_checkpoints(url, keep_last=2)
 
 
 def test_save_and_read_back(manager: CheckpointManager) -> None:
@@ -41,7 +41,7 @@ def test_a_crash_before_the_manifest_leaves_the_previous_step_latest(manager: Ch
 def test_a_file_changed_after_commit_makes_the_step_untrusted(manager: CheckpointManager) -> None:
     manager.save(10, {"model.pt": b"old"}, {})
     manager.save(20, {"model.pt": b"new"}, {})
-    manager.storage.write_bytes(f"{manager.folder(20)}/model.pt", b"t")  # truncated: 1 byte, manifest says 3
+    manager.storage.write_bytes(f"{step_folder(20)}/model.pt", b"t")  # truncated: 1 byte, manifest says 3
     latest = manager.latest()
     assert latest is not None and latest.step == 10
 
@@ -49,7 +49,7 @@ def test_a_file_changed_after_commit_makes_the_step_untrusted(manager: Checkpoin
 def test_a_torn_manifest_is_not_trusted(manager: CheckpointManager) -> None:
     manager.save(10, {"model.pt": b"old"}, {})
     manager.write(20, {"model.pt": b"new"})
-    manager.storage.write_bytes(f"{manager.folder(20)}/manifest.json", b'{"format": 1, "st')
+    manager.storage.write_bytes(f"{step_folder(20)}/manifest.json", b'{"format": 1, "st')
     latest = manager.latest()
     assert latest is not None and latest.step == 10
 

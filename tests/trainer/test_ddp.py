@@ -10,9 +10,8 @@ import torch
 
 import trainer
 from configs import RunConfig, load_config
-from data_pipeline.fs import open_storage
 from tests.multiproc import run_ranks
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 from trainer.dist import single_process_context
 from trainer.state import from_bytes
 
@@ -28,7 +27,7 @@ def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
 
 
 def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1)
+    manager = open_checkpoints(str(checkpoint_dir), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None
     return from_bytes(manager.read(manifest.step, "model.pt"))
@@ -92,7 +91,7 @@ def test_two_ranks_interrupted_mid_epoch_resume_to_bitwise_identical_weights(dig
              "checkpoint.keep_last=10", "tracking.log_interval_steps=10"]
     whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
     assert run_ranks(config(digits_root, tmp_path / "resumed", *extra), crash_at=30) == [None, None]
-    manager = CheckpointManager(open_storage(str(tmp_path / "resumed")), keep_last=10)
+    manager = open_checkpoints(str(tmp_path / "resumed"), keep_last=10)
     latest = manager.latest()
     assert latest is not None and latest.step == 28 and set(latest.files) == {
         "model.pt", "train_state.pt", "rank_0.pt", "rank_1.pt"}
@@ -111,7 +110,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(digits_root
     stopped = run_ranks(config(digits_root, tmp_path / "stopped", *extra), sigterm=(1, 10))
     where = tmp_path / "stopped" / "step_000000020"
     assert stopped == [f"stopped on SIGTERM at step 20; resume from {where}"] * 2
-    manager = CheckpointManager(open_storage(str(tmp_path / "stopped")), keep_last=1)
+    manager = open_checkpoints(str(tmp_path / "stopped"), keep_last=1)
     latest = manager.latest()
     assert latest is not None and latest.step == 20 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
     resumed = run_ranks(config(digits_root, tmp_path / "stopped", *extra))

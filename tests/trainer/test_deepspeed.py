@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs import ConfigError, RunConfig, load_config
-from data_pipeline.fs import open_storage
+from configs import IncompatibleSettings, RunConfig, load_config
 from tests.multiproc import run_ranks
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints, step_folder
 from trainer.dist import single_process_context
 from trainer.state import from_bytes
 
@@ -33,7 +32,7 @@ def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
 
 
 def final_weights(checkpoint_dir: Path) -> tuple[set[str], dict[str, torch.Tensor]]:
-    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=10)
+    manager = open_checkpoints(str(checkpoint_dir), keep_last=10)
     manifest = manager.latest()
     assert manifest is not None
     return set(manifest.files), from_bytes(manager.read(manifest.step, "model.pt"))
@@ -106,8 +105,8 @@ def test_negative_control_zero_resume_without_optimizer_state_differs(digits_roo
     extra = ["distributed.strategy=deepspeed", "distributed.zero_stage=1"]
     run_ranks(config(digits_root, tmp_path / "whole", *extra))
     run_ranks(config(digits_root, tmp_path / "resumed", *extra), crash_at=30)
-    manager = CheckpointManager(open_storage(str(tmp_path / "resumed")), keep_last=10)
-    folder = tmp_path / "resumed" / manager.folder(28)
+    manager = open_checkpoints(str(tmp_path / "resumed"), keep_last=10)
+    folder = tmp_path / "resumed" / step_folder(28)
     manifest = json.loads((folder / "manifest.json").read_text())
     for rank in range(2):
         name = f"deepspeed.zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -142,7 +141,7 @@ def test_deepspeed_refuses_what_it_cannot_do(digits_root: Path, tmp_path: Path, 
     cfg = config(digits_root, tmp_path, "distributed.strategy=deepspeed", override)
     import trainer
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(IncompatibleSettings, match=message):
         trainer.run(cfg, single_process_context(), [])
 
 

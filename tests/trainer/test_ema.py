@@ -11,11 +11,10 @@ from torch import nn
 import trainer
 from tests.multiproc import CrashAt, Interrupt
 from tests.trainer.test_resume import config
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 from trainer.dist import single_process_context
 from trainer.ema import Ema
 from trainer.state import from_bytes
-from data_pipeline.fs import open_storage
 
 
 def test_update_is_a_lerp_of_every_float_tensor_and_copies_counters() -> None:
@@ -41,7 +40,7 @@ def ema_run(root: Path, folder: Path, *sinks: object) -> trainer.TrainResult:
 
 
 def final_ema(folder: Path) -> dict[str, torch.Tensor]:
-    manager = CheckpointManager(open_storage(str(folder)), keep_last=20)
+    manager = open_checkpoints(str(folder), keep_last=20)
     manifest = manager.latest()
     assert manifest is not None and manifest.step == 22
     return from_bytes(manager.read(22, "ema.pt"))

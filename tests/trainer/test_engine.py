@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import trainer
-from configs import ConfigError, load_config
+from configs import IncompatibleSettings, load_config
 from configs.schema import DataConfig, PrecisionConfig
 from data_pipeline import build_loaders
 from trainer.dist import single_process_context
 from trainer.evaluate import evaluate
-from trainer.loop import TrainingDiverged
+from trainer import TrainingDiverged
 from trainer.models import resnet18
 from trainer.precision import resolve_precision
 
@@ -92,14 +92,15 @@ def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: P
 
 def test_num_classes_must_match_the_data(digits_root: Path, tmp_path: Path) -> None:
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "model.num_classes=1000"])
-    with pytest.raises(ConfigError, match=r"model.num_classes=1000 but the data set at data.root=.* has 10 classes"):
+    with pytest.raises(IncompatibleSettings,
+                       match=r"model.num_classes=1000 but the data set at data.root=.* has 10 classes"):
         trainer.run(cfg, single_process_context(), [])
 
 
 def test_a_batch_larger_than_the_training_set_is_an_error(digits_root: Path, tmp_path: Path) -> None:
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.batch_size=5000"])
-    with pytest.raises(ConfigError, match=r"data.batch_size=5000 x 1 workers x optim.accumulation_steps=1 is larger "
-                                          r"than the training set \(1442 images\)"):
+    with pytest.raises(IncompatibleSettings, match=r"data.batch_size=5000 x 1 workers x optim.accumulation_steps=1 "
+                                                   r"is larger than the training set \(1442 images\)"):
         trainer.run(cfg, single_process_context(), [])
 
 
@@ -136,20 +137,19 @@ def test_a_run_of_non_finite_steps_stops_training(digits_root: Path, tmp_path: P
 
 def test_sync_batchnorm_is_refused_on_a_cpu(digits_root: Path, tmp_path: Path) -> None:
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "distributed.sync_batchnorm=true"])
-    with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
+    with pytest.raises(IncompatibleSettings, match="sync_batchnorm=true needs GPUs"):
         trainer.run(cfg, single_process_context(), [])
 
 
 @pytest.mark.slow
 def test_a_compiled_model_trains_and_saves_torchvision_names(digits_root: Path, tmp_path: Path) -> None:
-    from data_pipeline.fs import open_storage
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint import open_checkpoints
     from trainer.state import from_bytes
 
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "precision.compile=true",
                                      f"checkpoint.url={tmp_path / 'checkpoints'}"])
     result = trainer.run(cfg, single_process_context(), [])
     assert result.val["val_top1"] > 0.15  # learns like the eager model (chance is 10%)
-    manager = CheckpointManager(open_storage(str(tmp_path / "checkpoints")), keep_last=1)
+    manager = open_checkpoints(str(tmp_path / "checkpoints"), keep_last=1)
     weights = from_bytes(manager.read(22, "model.pt"))
     assert "conv1.weight" in weights and not any(key.startswith("_orig_mod") for key in weights)

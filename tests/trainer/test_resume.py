@@ -10,12 +10,10 @@ import torchvision
 
 import data_pipeline.sharding
 import trainer
-import trainer.loop
 import trainer.state
-from configs import ConfigError, RunConfig, load_config
-from data_pipeline.fs import open_storage
+from configs import IncompatibleSettings, RunConfig, load_config
 from tests.multiproc import CrashAt, Interrupt
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import open_checkpoints
 from trainer.dist import single_process_context
 from trainer.state import from_bytes, load_state
 
@@ -30,7 +28,7 @@ def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
 
 
 def final_state(checkpoint_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
-    manager = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1)
+    manager = open_checkpoints(str(checkpoint_dir), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None
     return (manifest.step, from_bytes(manager.read(manifest.step, "model.pt")),
@@ -54,7 +52,7 @@ def uninterrupted(digits_root: Path, module_tmp: Path) -> tuple[int, dict, dict]
 def interrupted_then_resumed(root: Path, checkpoint_dir: Path) -> trainer.TrainResult:
     with pytest.raises(Interrupt):
         trainer.run(config(root, checkpoint_dir), single_process_context(), [CrashAt(30)])
-    manifest = CheckpointManager(open_storage(str(checkpoint_dir)), keep_last=1).latest()
+    manifest = open_checkpoints(str(checkpoint_dir), keep_last=1).latest()
     assert manifest is not None and manifest.step == 28  # mid-epoch: epoch 1, batch 6
     return trainer.run(config(root, checkpoint_dir), single_process_context(), [])
 
@@ -80,7 +78,7 @@ def test_negative_control_without_optimizer_state_the_weights_differ(
         load_state(manager, manifest, strategy, ema, ctx)
         strategy.optimizer.load_state_dict(fresh)
 
-    monkeypatch.setattr(trainer.loop, "load_state", load_without_optimizer)
+    monkeypatch.setattr(trainer.state, "load_state", load_without_optimizer)
     interrupted_then_resumed(digits_root, tmp_path)
     assert not torch.equal(final_state(tmp_path)[1]["fc.weight"], uninterrupted[1]["fc.weight"])
 
@@ -114,20 +112,20 @@ def test_a_finished_run_resumes_to_its_result(digits_root: Path, finished: tuple
 
 def test_checkpoint_of_another_architecture_is_refused(digits_root: Path,
                                                        finished: tuple[Path, trainer.TrainResult]) -> None:
-    with pytest.raises(ConfigError, match=r"holds \{'name': 'resnet18', 'num_classes': 10.*this run builds "
+    with pytest.raises(IncompatibleSettings, match=r"holds \{'name': 'resnet18', 'num_classes': 10.*this run builds "
                                           r"\{'name': 'resnet34'"):
         trainer.run(config(digits_root, finished[0], "model.name=resnet34"), single_process_context(), [])
 
 
 def test_checkpoint_of_another_global_batch_is_refused(digits_root: Path,
                                                        finished: tuple[Path, trainer.TrainResult]) -> None:
-    with pytest.raises(ConfigError, match=r"global batch of 64 images, this run uses 32"):
+    with pytest.raises(IncompatibleSettings, match=r"global batch of 64 images, this run uses 32"):
         trainer.run(config(digits_root, finished[0], "data.batch_size=32"), single_process_context(), [])
 
 
 def test_checkpoint_holds_a_torchvision_compatible_model_and_the_resolved_config(
         finished: tuple[Path, trainer.TrainResult]) -> None:
-    manager = CheckpointManager(open_storage(str(finished[0])), keep_last=1)
+    manager = open_checkpoints(str(finished[0]), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None and manifest.step == 22 and manifest.meta["epoch"] == 1.0
     assert manifest.meta["val_top1"] == finished[1].val["val_top1"]

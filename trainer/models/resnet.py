@@ -153,34 +153,41 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _resnet(block: Block, layers: list[int], *, num_classes: int, zero_init_residual: bool,
+            small_input: bool) -> ResNet:
+    """The shared constructor behind the five depths (torchvision's `_resnet`)."""
+    return ResNet(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual,
+                  small_input=small_input)
+
+
 def resnet18(*, num_classes: int = 1000, zero_init_residual: bool = True, small_input: bool = False) -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2]."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, small_input=small_input)
+    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, zero_init_residual=zero_init_residual,
+                   small_input=small_input)
 
 
 def resnet34(*, num_classes: int = 1000, zero_init_residual: bool = True, small_input: bool = False) -> ResNet:
     """ResNet-34: BasicBlock, [3, 4, 6, 3]."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, small_input=small_input)
+    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, zero_init_residual=zero_init_residual,
+                   small_input=small_input)
 
 
 def resnet50(*, num_classes: int = 1000, zero_init_residual: bool = True, small_input: bool = False) -> ResNet:
     """ResNet-50: Bottleneck, [3, 4, 6, 3]."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, small_input=small_input)
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, zero_init_residual=zero_init_residual,
+                   small_input=small_input)
 
 
 def resnet101(*, num_classes: int = 1000, zero_init_residual: bool = True, small_input: bool = False) -> ResNet:
     """ResNet-101: Bottleneck, [3, 4, 23, 3]."""
-    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, small_input=small_input)
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, zero_init_residual=zero_init_residual,
+                   small_input=small_input)
 
 
 def resnet152(*, num_classes: int = 1000, zero_init_residual: bool = True, small_input: bool = False) -> ResNet:
     """ResNet-152: Bottleneck, [3, 8, 36, 3]."""
-    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, small_input=small_input)
+    return _resnet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, zero_init_residual=zero_init_residual,
+                   small_input=small_input)
 
 
 MODELS: dict[str, Callable[..., ResNet]] = {

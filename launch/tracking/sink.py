@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import threading
 import time
@@ -26,16 +25,12 @@ from typing import Any
 from configs.extras import import_extra
 from configs.loader import config_to_dict
 from configs.schema import RunConfig
+from launch.tracking.store import ARTIFACTS_FOLDER, limit_http_calls, tracking_uri
 
 RUN_FILE = "mlflow_run.json"
 """In the run folder: the tracking URI and MLflow run id of this training run. The same record is in each
 checkpoint's manifest (meta key `mlflow`), so that a restarted run, or a new run started from another's
 checkpoints, continues the same MLflow run."""
-
-
-def tracking_uri(cfg: RunConfig) -> str:
-    """`tracking.uri`, or the embedded sqlite store under runs_dir."""
-    return cfg.tracking.uri or f"sqlite:///{Path(cfg.launch.runs_dir).resolve() / 'mlflow.db'}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -86,9 +81,8 @@ class MlflowSink:
                  checkpointed: dict[str, str] | None = None, max_buffered: int = 100_000,
                  request_timeout_s: int = 5) -> None:
         """`checkpointed`: the `mlflow` record of the checkpoint the run resumes from, if any."""
-        # Set before the first request: a call to a dead server then fails in seconds, not minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # Retries are the background thread's own (with backoff); a call gives up in seconds.
+        limit_http_calls(timeout_s=request_timeout_s, max_retries=0)
         self.mlflow = import_extra("mlflow")
         self.cfg = cfg
         self.run_dir = run_dir
@@ -219,7 +213,7 @@ class MlflowSink:
         else:
             artifacts = None
             if self.cfg.tracking.uri is None:
-                artifacts = (Path(self.cfg.launch.runs_dir).resolve() / "mlartifacts").as_uri()
+                artifacts = (Path(self.cfg.launch.runs_dir).resolve() / ARTIFACTS_FOLDER).as_uri()
             experiment_id = client.create_experiment(self.cfg.tracking.experiment, artifact_location=artifacts)
         run = client.create_run(experiment_id, run_name=self.cfg.launch.name, tags=self.tags)
         entities = import_extra("mlflow.entities")
@@ -258,4 +252,4 @@ def plot_curves(history: dict[str, list[tuple[int, float]]]) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["MlflowSink", "config_hash", "flatten", "plot_curves", "tracking_uri"]
+__all__ = ["MlflowSink", "config_hash", "flatten", "plot_curves"]

@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from configs.extras import import_extra
-from configs.loader import ConfigError, dump_config
+from configs.errors import ConfigError
+from configs.loader import dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from launch.artifacts import load_trained
-
-EXIT_REFUSED = 5
-"""`promote`'s exit status when the gate refuses the move."""
-
+from launch.tracking.artifacts import load_trained
+from launch.tracking.sink import config_hash
+from trainer.checkpoint import step_folder
 
 class ImageClassifier(nn.Module):
     """uint8 RGB images [N, H, W, 3] in, class ids [N] out: the network with its input normalisation."""
@@ -85,9 +84,9 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
     tags = {
         "val_top1": meta.get("val_top1"), "val_top5": meta.get("val_top5"), "epochs": meta["epoch"],
         "step": meta["step"], "dataset": dataset_name(cfg), "data_root": cfg.data.root,
-        "config_hash": _config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
+        "config_hash": config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
         "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
-        "weights": f"weights/step_{meta['step']:09d}",
+        "weights": f"weights/{step_folder(meta['step'])}",
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)
@@ -106,12 +105,6 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         f"val top-1 {tags.get('val_top1', '?')}. Input: {tags['input']}; output: {tags['output']}. "
         f"The raw torchvision state dict is the run's artifact {tags['weights']}/model.pt."))
     return f"models:/{name}/{version.version}"
-
-
-def _config_hash(cfg: RunConfig) -> str:
-    from launch.tracking import config_hash
-
-    return config_hash(cfg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,5 +199,5 @@ def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: s
     return decision
 
 
-__all__ = ["EXIT_REFUSED", "Decision", "ImageClassifier", "decide", "model_name", "promote",
+__all__ = ["Decision", "ImageClassifier", "decide", "model_name", "promote",
            "register_model"]

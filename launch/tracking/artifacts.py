@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from configs.errors import ConfigError, IncompatibleSettings
 from configs.extras import import_extra
-from configs.loader import ConfigError, config_from_dict, load_config
+from configs.loader import config_from_dict, load_config
 from configs.schema import RunConfig
-from data_pipeline.fs import open_storage
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import STEP_FOLDER, open_checkpoints
+from trainer.engine import prepare_model
 from trainer.models import build_model
 from trainer.serialize import from_bytes
-
-STEP_FOLDER = re.compile(r"^(?P<folder>.*)/step_(?P<step>\d+)/?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +42,9 @@ def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
     """The network and config of a checkpoint URL or a registry URI (see the module docstring)."""
     if source.startswith("models:/"):
         return _from_registry(source, tracking_uri)
-    match = STEP_FOLDER.match(source.rstrip("/"))
-    folder = match["folder"] if match else source
-    manager = CheckpointManager(open_storage(folder), keep_last=1)
+    parent, _, last = source.rstrip("/").rpartition("/")
+    match = STEP_FOLDER.match(last) if parent else None
+    manager = open_checkpoints(parent if match else source)
     if match:
         step = int(match["step"])
         manifest = manager.manifest(step)
@@ -103,12 +102,10 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
     precision = resolve_precision(trained.cfg.precision, device)
     loaders = build_loaders(data, seed=trained.cfg.seed, device=device, dtype=precision.input_dtype)
     if len(loaders.classes) != trained.cfg.model.num_classes:
-        raise ConfigError(f"the data set at {data.root} has {len(loaders.classes)} classes, the model "
-                          f"{trained.cfg.model.num_classes}")
+        raise IncompatibleSettings(f"the data set at {data.root} has {len(loaders.classes)} classes, the model "
+                                   f"{trained.cfg.model.num_classes}")
     channels_last = trained.cfg.precision.channels_last
-    network = trained.network.to(device)
-    if channels_last:
-        network = network.to(memory_format=torch.channels_last)
+    network = prepare_model(trained.network, device, channels_last=channels_last)
     return evaluate(network, loaders.val, precision, channels_last=channels_last)
 
 
@@ -116,7 +113,7 @@ def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
     """Write `out/model.pt` (the torchvision-compatible state dict) and `out/model.pt2` (a torch.export program:
     float32 images [N, 3, S, S], normalised as in training, to logits [N, classes]; N is dynamic)."""
     out.mkdir(parents=True, exist_ok=True)
-    network = trained.network.cpu().eval()
+    network = prepare_model(trained.network, torch.device("cpu"), channels_last=False).eval()
     state = out / "model.pt"
     torch.save(network.state_dict(), state)
     size = trained.cfg.data.image_size

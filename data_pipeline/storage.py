@@ -1,4 +1,5 @@
-"""Storage behind URLs: local paths, `file://`, `memory://` (tests) and object stores, through fsspec.
+"""Where bytes are kept: storage behind URLs (local paths, `file://`, `memory://` for tests, object stores,
+through fsspec) for data sets and checkpoints, and the one recipe for writing a local file atomically.
 
 The one module that imports fsspec. `s3://` and `gs://` need their fsspec packages (s3fs, gcsfs).
 """
@@ -7,7 +8,32 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Protocol
+
+TEMPORARY_MARK = ".tmp-"
+"""In the name of a file that `atomic_write` has not finished: never a complete file."""
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, temporary_dir: str | Path | None = None,
+                 fsync: bool = False) -> None:
+    """Write `path` so that readers see either its old content or all of `data`, never a part: write a
+    temporary file beside it (or in `temporary_dir`, on the same file system) and rename it over `path`.
+    `fsync`: also flush the data to the disk before the rename, so that a machine crash cannot leave an
+    empty file behind the new name."""
+    path = Path(path)
+    folder = Path(temporary_dir) if temporary_dir is not None else path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f"{path.name}{TEMPORARY_MARK}{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class Storage(Protocol):
@@ -58,19 +84,10 @@ class FsspecStorage:
         stores: one PUT, which is atomic per object."""
         full = self._full(path)
         self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-        if not self.is_local:
+        if self.is_local:
+            atomic_write(full, data, fsync=True)
+        else:
             self.fs.pipe_file(full, data)
-            return
-        temporary = f"{full}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, full)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(self._full(path)))

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from configs.loader import dump_config
 from configs.schema import RunConfig
+from data_pipeline.storage import atomic_write
 
 
 def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Path]:
@@ -41,9 +38,7 @@ def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Pa
     )
     if not resume:
         run_dir.mkdir(parents=True)
-    written = run_dir / "config.yaml.tmp"
-    written.write_text(dump_config(cfg))
-    written.replace(run_dir / "config.yaml")  # a reader never sees half a config
+    atomic_write(run_dir / "config.yaml", dump_config(cfg))  # a reader never sees half a config
     return cfg, run_dir
 
 
@@ -65,46 +60,3 @@ def find_run(runs_dir: str, which: str) -> Path | None:
 def _absolute(path_or_url: str) -> str:
     """A local path made absolute; URLs (anything with '://') unchanged."""
     return path_or_url if "://" in path_or_url else str(Path(path_or_url).expanduser().resolve())
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write `summary.json` in the run folder, for scripts and CI systems that drive the trainer."""
-    path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
-
-
-def ui_command(tracking_uri: str) -> str:
-    """How to browse a tracking store: `mlflow ui` over an embedded store, the server's address otherwise."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    beside_python = Path(sys.executable).with_name("mlflow")  # this environment's own mlflow command
-    command = "mlflow"
-    if beside_python.is_file():
-        relative = os.path.relpath(beside_python)
-        command = str(beside_python) if relative.startswith("..") else relative
-    return f"{command} ui --backend-store-uri {tracking_uri}"
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A two-column table of the numbers a user looks at first."""
-    rows = [
-        ("model", summary["model"]),
-        ("device", f"{summary['device']} x {summary['world_size']}"),
-        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
-        ("train images/s", f"{summary['images_per_s']:.1f}"),
-        ("train time", f"{summary['train_time_s']:.1f} s (wall {summary['wall_time_s']:.1f} s)"),
-        ("val top-1", f"{100 * summary['val_top1']:.2f}% of {int(summary['val_images'])} images"),
-        ("val top-5", f"{100 * summary['val_top5']:.2f}%"),
-        ("val loss", f"{summary['val_loss']:.4f}"),
-        ("checkpoint", summary["checkpoint_url"]),
-        ("run folder", summary["run_dir"]),
-    ]
-    if summary.get("tracking_uri"):
-        rows.append(("mlflow run", f"{summary['mlflow_run_id']} at {summary['tracking_uri']}"))
-        rows.append(("registered as", summary.get("model_uri") or "not registered (see the messages above)"))
-        if summary.get("promotion"):
-            rows.append(("promotion", summary["promotion"]))
-        rows.append(("look at it", ui_command(summary["tracking_uri"])))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trainer
 from configs.schema import RunConfig
-from data_pipeline.fs import open_storage
-from launch.rundir import format_summary, write_summary
-from trainer.checkpoint import CheckpointManager
+from launch.orchestration.summary import RunSummary
+from trainer.checkpoint import open_checkpoints
 from trainer.dist import DistContext
 from trainer.metrics import ConsoleSink, JsonLinesSink, MetricSink
 
 if TYPE_CHECKING:
-    from launch.tracking import MlflowSink
+    from launch.tracking.sink import MlflowSink
 
 
 def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sinks: Sequence[MetricSink] = (),
-                  print_summary: bool = True) -> dict[str, Any] | None:
+                  print_summary: bool = True) -> RunSummary | None:
     """Train this process's share of the run in `run_dir`; on the primary process also print progress, append
     metrics.jsonl, and write (and with `print_summary` print) the summary, which it returns (None on other
     ranks). `extra_sinks` go to every rank (a launcher's own reporting, which must happen on all ranks alike)."""
@@ -29,14 +29,14 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
     tracker = None
     if ctx.is_primary:
         assert cfg.checkpoint.url is not None, "the launcher sets checkpoint.url"
-        latest = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last).latest()
+        latest = open_checkpoints(cfg.checkpoint.url).latest()
         resume_step = latest.step if latest is not None else 0
         where = f", resuming from step {resume_step}" if resume_step else ""
         print(f"run {cfg.launch.name}: {cfg.model.name} on {ctx.world_size} x {ctx.device.type}{where}, outputs in "
               f"{run_dir}", flush=True)
         sinks += [ConsoleSink(), JsonLinesSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
         if cfg.tracking.enabled:
-            from launch.tracking import MlflowSink
+            from launch.tracking.sink import MlflowSink
 
             tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=ctx.device.type,
                                  checkpointed=latest.meta.get("mlflow") if latest is not None else None)
@@ -49,53 +49,43 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
         raise
     if not ctx.is_primary:
         return None
-    checkpoint_url = f"{cfg.checkpoint.url}/{CheckpointManager.folder(result.steps)}"
-    summary: dict[str, Any] = {
-        "run_name": cfg.launch.name,
-        "model": cfg.model.name,
-        "device": ctx.device.type,
-        "world_size": ctx.world_size,
-        "epochs": result.epochs,
-        "steps": result.steps,
-        "images_per_s": result.images_per_s,
-        "train_time_s": result.train_time_s,
-        **result.val,
-        "checkpoint_url": checkpoint_url,
-        "run_dir": str(run_dir),
-        "tracking_uri": None,
-        "mlflow_run_id": None,
-        "model_uri": None,
-    }
+    assert cfg.checkpoint.url is not None
+    summary = RunSummary(
+        run_name=str(cfg.launch.name), model=cfg.model.name, device=ctx.device.type, world_size=ctx.world_size,
+        epochs=result.epochs, steps=result.steps, images_per_s=result.images_per_s,
+        train_time_s=result.train_time_s, val=result.val,
+        checkpoint_url=open_checkpoints(cfg.checkpoint.url).url(result.steps), run_dir=str(run_dir))
     if tracker is not None:
-        summary.update(_finish_tracking(cfg, tracker))
-    summary["wall_time_s"] = time.perf_counter() - start
-    write_summary(run_dir, summary)
+        summary = _finish_tracking(cfg, tracker, summary)
+    summary = replace(summary, wall_time_s=time.perf_counter() - start)
+    summary.save(run_dir)
     if print_summary:
-        print(format_summary(summary), flush=True)
+        print(summary.table(), flush=True)
     return summary
 
 
-def _finish_tracking(cfg: RunConfig, tracker: MlflowSink) -> dict[str, Any]:
-    """End the MLflow run, register its model and move the configured alias; what the summary records of it.
-    A tracking failure here is printed, never raised: the trained checkpoint is already safe."""
-    from launch import registry
+def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -> RunSummary:
+    """End the MLflow run, register its model and move the configured alias; the summary with what came of
+    it. A tracking failure here is printed, never raised: the trained checkpoint is already safe."""
+    from launch.tracking import registry
 
     delivered = tracker.close()
-    found: dict[str, Any] = {"tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id}
+    summary = replace(summary, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
     if not (delivered and cfg.tracking.register):
-        return found
+        return summary
     assert cfg.checkpoint.url is not None and tracker.run_id is not None
     try:
-        found["model_uri"] = registry.register_model(cfg, tracking_uri=tracker.uri, run_id=tracker.run_id,
-                                                     checkpoint_url=cfg.checkpoint.url)
-        print(f"mlflow: registered {found['model_uri']}", flush=True)
+        model_uri = registry.register_model(cfg, tracking_uri=tracker.uri, run_id=tracker.run_id,
+                                            checkpoint_url=cfg.checkpoint.url)
+        summary = replace(summary, model_uri=model_uri)
+        print(f"mlflow: registered {model_uri}", flush=True)
         if cfg.tracking.promote_alias is not None:
-            version = found["model_uri"].rsplit("/", 1)[1]
+            version = model_uri.rsplit("/", 1)[1]
             decision = registry.promote(tracker.uri, registry.model_name(cfg), version, cfg.tracking.promote_alias,
                                         metric=cfg.tracking.promote_metric, minimum=cfg.tracking.promote_min)
-            found["promotion"] = decision.describe(dry_run=False)
-            print(f"mlflow: {found['promotion']}", flush=True)
+            summary = replace(summary, promotion=decision.describe(dry_run=False))
+            print(f"mlflow: {summary.promotion}", flush=True)
     except Exception as error:  # noqa: BLE001 - reported, and the summary says what is missing
         print(f"mlflow: could not register the model of run {tracker.run_id} at {tracker.uri}: "
               f"{type(error).__name__}: {error}", flush=True)
-    return found
+    return summary

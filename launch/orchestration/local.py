@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from configs.schema import RunConfig
-from launch.rundir import open_run_dir
-from launch.worker import train_process
+from launch.orchestration.rundir import open_run_dir
+from launch.orchestration.summary import RunSummary
+from launch.orchestration.worker import train_process
 from trainer.dist import DistContext, init_distributed, is_distributed, single_process_context
 
 
-def run_local(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any] | None:
+def run_local(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
     """Train in this process (a new run, or with `resume` the existing run of cfg's name); on the primary one
     print a summary table and return the summary saved with the run (None on other ranks)."""
     ctx = _context_from_environment()
@@ -33,7 +33,7 @@ def _context_from_environment() -> DistContext:
                             world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def _run(cfg: RunConfig, ctx: DistContext, *, resume: bool) -> dict[str, Any] | None:
+def _run(cfg: RunConfig, ctx: DistContext, *, resume: bool) -> RunSummary | None:
     # Rank 0 names the run and makes its folder; the others take its resolved config, so that every rank
     # agrees on the run name and checkpoint URL (generated names contain the time).
     resolved: list[RunConfig | None] = [None]

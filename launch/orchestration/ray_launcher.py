@@ -14,7 +14,6 @@ path, and reported to Ray where they lie (`CheckpointUploadMode.NO_UPLOAD`), nev
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,13 @@ from typing import Any
 from configs.extras import import_extra
 from configs.loader import config_from_dict, config_to_dict
 from configs.schema import RunConfig
-from data_pipeline.fs import open_storage
 from launch.errors import RunFailed
-from launch.rundir import format_summary, open_run_dir
-from trainer.checkpoint import CheckpointManager
+from launch.orchestration.rundir import open_run_dir
+from launch.orchestration.summary import RunSummary
+from trainer.checkpoint import open_checkpoints
 
 
-def run_ray(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
     """Train on a Ray cluster (a new run, or with `resume` the existing run of cfg's name); print and return
     the summary the primary worker saved."""
     ray = import_extra("ray")
@@ -62,8 +61,8 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     finally:
         if started_here:
             ray.shutdown()
-    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
-    print(format_summary(summary), flush=True)
+    summary = RunSummary.load(run_dir)
+    print(summary.table(), flush=True)
     return summary
 
 
@@ -81,7 +80,7 @@ def _init_ray(ray: Any, address: str | None) -> bool:
 
 def _failure_message(cfg: RunConfig, error: Exception) -> str:
     assert cfg.checkpoint.url is not None
-    checkpoints = CheckpointManager(open_storage(cfg.checkpoint.url), keep_last=cfg.checkpoint.keep_last)
+    checkpoints = open_checkpoints(cfg.checkpoint.url)
     latest = checkpoints.latest()
     where = (f"the last good checkpoint is {checkpoints.url(latest.step)} (step {latest.step})" if latest is not None
              else "there is no checkpoint yet")
@@ -131,7 +130,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: its place in the job from Ray's context, then the same process as every launcher."""
     train = import_extra("ray.train")
     ray_torch = import_extra("ray.train.torch")
-    from launch.worker import train_process
+    from launch.orchestration.worker import train_process
     from trainer.dist import DistContext
 
     cfg = config_from_dict(loop_config["config"], "the Ray driver")

@@ -1,0 +1,154 @@
+"""`bench step`: the engine's training step against a bare PyTorch loop, side by side.
+
+Both run the same model, optimizer, precision and synthetic device-resident batches in this process,
+alternating round by round so that drifting clocks and thermals hit both alike. The bare loop is what
+one would write by hand: autocast forward, loss, backward, optimizer step. The engine is `trainer.run`
+itself, with everything a real run has (schedule, non-finite bookkeeping, reports, EMA if configured)
+except data loading and checkpoints; its images/s is the one its own report prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from configs.schema import RunConfig
+
+from launch.bench import synchronize
+
+
+@dataclass(frozen=True, slots=True)
+class StepBench:
+    """Images/s of each variant in each round, and what was measured."""
+
+    model: str
+    image_size: int
+    batch_size: int
+    precision: str
+    device: str
+    steps: int
+    """Timed steps per variant per round (after as many untimed warm-up steps)."""
+    bare_images_per_s: list[float]
+    engine_images_per_s: list[float]
+    training_gflops_per_image: float
+
+    @property
+    def engine_over_bare(self) -> float:
+        """Median engine images/s over median bare images/s."""
+        return statistics.median(self.engine_images_per_s) / statistics.median(self.bare_images_per_s)
+
+    def as_json(self) -> str:
+        """One machine-readable line."""
+        record = dataclasses.asdict(self)
+        record["engine_over_bare"] = self.engine_over_bare
+        return json.dumps(record)
+
+    def table(self) -> str:
+        """The human-readable report."""
+        rows = [f"bench step: {self.model} {self.image_size}px, batch {self.batch_size}, {self.precision}, "
+                f"{self.device}, {self.steps} timed steps per round",
+                f"{'variant':<8} {'images/s (median)':>18} {'rounds':>30} {'GFLOP/s':>10}"]
+        for name, values in (("bare", self.bare_images_per_s), ("engine", self.engine_images_per_s)):
+            median = statistics.median(values)
+            rounds = " ".join(f"{v:.1f}" for v in values)
+            rows.append(f"{name:<8} {median:>18.1f} {rounds:>30} {median * self.training_gflops_per_image:>10.1f}")
+        rows.append(f"engine / bare: {self.engine_over_bare:.3f}")
+        return "\n".join(rows)
+
+
+def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> float:
+    """Images/s of a hand-written loop over `steps` steps, after `steps` warm-up steps."""
+    from data_pipeline.synthetic import SyntheticLoader
+    from trainer.models import build_model
+    from trainer.optim import build_optimizer
+    from trainer.precision import resolve_precision
+
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = build_model(cfg.model).to(device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
+    if cfg.precision.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    batches = SyntheticLoader(cfg.data, num_batches=2 * steps, seed=cfg.seed, device=device).iter_epoch(0)
+    model.train()
+
+    def run_steps() -> None:
+        for _ in range(steps):
+            images, labels = next(batches)
+            with precision.autocast():
+                loss = criterion(model(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+
+    run_steps()  # warm-up: kernel selection, allocator, caches
+    start = time.perf_counter()
+    run_steps()
+    elapsed_s = time.perf_counter() - start
+    return steps * cfg.data.batch_size / elapsed_s
+
+
+class _LastReport:
+    def __init__(self) -> None:
+        self.images_per_s = 0.0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if "images_per_s" in metrics:
+            self.images_per_s = metrics["images_per_s"]
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
+
+
+def engine_images_per_s(cfg: RunConfig, *, steps: int) -> float:
+    """Images/s that `trainer.run` reports for its second epoch of `steps` steps (the first warms up)."""
+    import trainer
+    from trainer.dist import single_process_context
+
+    engine_cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, synthetic_images=steps * cfg.data.batch_size),
+        schedule=dataclasses.replace(cfg.schedule, epochs=2, warmup_epochs=1.0, decay="cosine"),
+        tracking=dataclasses.replace(cfg.tracking, log_interval_steps=steps),
+        checkpoint=dataclasses.replace(cfg.checkpoint, url=None),
+        optim=dataclasses.replace(cfg.optim, accumulation_steps=1),
+    )
+    report = _LastReport()
+    trainer.run(engine_cfg, single_process_context(), [report])
+    return report.images_per_s
+
+
+def bench_step(cfg: RunConfig, *, steps: int, rounds: int) -> StepBench:
+    """Measure bare and engine images/s on this process's device, alternating for `rounds` rounds."""
+    from trainer.dist import single_process_context
+    from trainer.models import build_model
+    from trainer.models.flops import training_flops_per_image
+    from trainer.precision import resolve_precision
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset="synthetic",
+                                                            synthetic_classes=cfg.model.num_classes))
+    device = single_process_context().device
+    bare, engine = [], []
+    for _ in range(rounds):
+        bare.append(bare_images_per_s(cfg, steps=steps, device=device))
+        engine.append(engine_images_per_s(cfg, steps=steps))
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    return StepBench(
+        model=cfg.model.name, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
+        precision=resolve_precision(cfg.precision, device).name, device=device_name, steps=steps,
+        bare_images_per_s=bare, engine_images_per_s=engine,
+        training_gflops_per_image=training_flops_per_image(build_model(cfg.model), cfg.data.image_size) / 1e9,
+    )

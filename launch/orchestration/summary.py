@@ -1,0 +1,119 @@
+"""The run summary: what a finished run measured and where its outputs are, saved as `summary.json` in the
+run folder (for scripts and CI systems that drive the trainer) and printed as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.storage import atomic_write
+
+SUMMARY_FILE = "summary.json"
+"""In the run folder."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSummary:
+    """One finished run. In summary.json the `val` scores are top-level keys (val_top1, ...)."""
+
+    run_name: str
+    """launch.name."""
+    model: str
+    """model.name."""
+    device: str
+    """Device type the workers trained on: cuda or cpu."""
+    world_size: int
+    """Training processes."""
+    epochs: int
+    """Epochs of the schedule."""
+    steps: int
+    """Global optimiser steps reached."""
+    images_per_s: float
+    """Measured training throughput of the last attempt, all workers together, evaluation excluded."""
+    train_time_s: float
+    """Wall time of the last attempt's training steps."""
+    val: dict[str, float]
+    """The last evaluation: val_loss, val_top1, val_top5, val_images (and ema_val_* with an EMA)."""
+    checkpoint_url: str
+    """The final checkpoint's step folder."""
+    run_dir: str
+    """The run folder."""
+    tracking_uri: str | None = None
+    """The MLflow store the run was tracked in (None: tracking off)."""
+    mlflow_run_id: str | None = None
+    """Its MLflow run."""
+    model_uri: str | None = None
+    """The registered version, models:/NAME/VERSION (None: not registered)."""
+    promotion: str | None = None
+    """The gate's decision at the end of the run, if tracking.promote_alias was set."""
+    wall_time_s: float = field(default=0.0)
+    """Wall time of this process's whole attempt, start-up and evaluation included."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary.json record."""
+        record = dataclasses.asdict(self)
+        val = record.pop("val")
+        wall_time_s = record.pop("wall_time_s")
+        if record["promotion"] is None:
+            del record["promotion"]
+        at = list(record).index("checkpoint_url")
+        items = list(record.items())
+        return {**dict(items[:at]), **val, **dict(items[at:]), "wall_time_s": wall_time_s}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> RunSummary:
+        """Read back what `to_dict` wrote."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        val = {key: value for key, value in record.items() if key not in names}
+        return cls(**{key: value for key, value in record.items() if key in names}, val=val)
+
+    def save(self, run_dir: Path) -> Path:
+        """Write summary.json into `run_dir`."""
+        path = run_dir / SUMMARY_FILE
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunSummary:
+        """The summary.json in `run_dir`."""
+        return cls.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+
+    def table(self) -> str:
+        """A two-column table of the numbers a user looks at first."""
+        rows = [
+            ("model", self.model),
+            ("device", f"{self.device} x {self.world_size}"),
+            ("epochs / steps", f"{self.epochs} / {self.steps}"),
+            ("train images/s", f"{self.images_per_s:.1f}"),
+            ("train time", f"{self.train_time_s:.1f} s (wall {self.wall_time_s:.1f} s)"),
+            ("val top-1", f"{100 * self.val['val_top1']:.2f}% of {int(self.val['val_images'])} images"),
+            ("val top-5", f"{100 * self.val['val_top5']:.2f}%"),
+            ("val loss", f"{self.val['val_loss']:.4f}"),
+            ("checkpoint", self.checkpoint_url),
+            ("run folder", self.run_dir),
+        ]
+        if self.tracking_uri:
+            rows.append(("mlflow run", f"{self.mlflow_run_id} at {self.tracking_uri}"))
+            rows.append(("registered as", self.model_uri or "not registered (see the messages above)"))
+            if self.promotion:
+                rows.append(("promotion", self.promotion))
+            rows.append(("look at it", ui_command(self.tracking_uri)))
+        width = max(len(label) for label, _ in rows)
+        return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How to browse a tracking store: `mlflow ui` over an embedded store, the server's address otherwise."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    beside_python = Path(sys.executable).with_name("mlflow")  # this environment's own mlflow command
+    command = "mlflow"
+    if beside_python.is_file():
+        relative = os.path.relpath(beside_python)
+        command = str(beside_python) if relative.startswith("..") else relative
+    return f"{command} ui --backend-store-uri {tracking_uri}"

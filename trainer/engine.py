@@ -1,0 +1,133 @@
+"""The engine's assembly: `run(cfg, ctx, sinks)` builds data, model, strategy and the loop's components from
+the config, then trains. Every launcher ends here."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from configs.errors import IncompatibleSettings
+from configs.schema import DistributedConfig, RunConfig
+from data_pipeline import Loaders, build_loaders
+from trainer.cadence import Cadence
+from trainer.checkpoint import open_checkpoints
+from trainer.dist import DistContext
+from trainer.ema import Ema
+from trainer.loop import Learner, TrainResult, train
+from trainer.meter import IntervalMeter
+from trainer.metrics import MetricSink
+from trainer.models import build_model
+from trainer.optim import build_optimizer, peak_learning_rate
+from trainer.precision import resolve_precision
+from trainer.preempt import watch_for_preemption
+from trainer.state import Checkpointer
+from trainer.strategy import build_strategy
+from trainer.strategy.single import bare_module
+
+
+def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
+        extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
+    """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
+    primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue."""
+    seed_everything(cfg.seed)
+    precision = resolve_precision(cfg.precision, ctx.device)
+    loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                            dtype=precision.input_dtype)
+    check_data(cfg, ctx, loaders)
+    check_distributed(cfg, ctx)
+    accumulation_steps = cfg.optim.accumulation_steps
+    global_batch_size = cfg.data.batch_size * ctx.world_size * accumulation_steps
+    peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
+    # DeepSpeed needs its parameters in the default layout (see trainer/strategy/deepspeed.py); the inputs
+    # stay channels-last, so the convolutions still run in NHWC.
+    model = prepare_model(build_model(cfg.model), ctx.device,
+                          channels_last=cfg.precision.channels_last and cfg.distributed.strategy != "deepspeed",
+                          sync_batchnorm=cfg.distributed.sync_batchnorm and ctx.world_size > 1,
+                          compile=cfg.precision.compile)
+    optimizer = build_optimizer(bare_module(model), cfg.optim, peak_lr)
+    ema = Ema(bare_module(model), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx,
+                              micro_batch_size=cfg.data.batch_size, accumulation_steps=accumulation_steps)
+    learner = Learner(strategy=strategy, ema=ema, precision=precision,
+                      criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+                      channels_last=cfg.precision.channels_last, accumulation_steps=accumulation_steps)
+    cadence = Cadence(schedule=cfg.schedule, steps_per_epoch=len(loaders.train) // accumulation_steps,
+                      accumulation_steps=accumulation_steps, peak_lr=peak_lr,
+                      log_interval_steps=cfg.tracking.log_interval_steps,
+                      checkpoint_interval_steps=cfg.checkpoint.interval_steps)
+    manager = open_checkpoints(cfg.checkpoint.url, keep_last=cfg.checkpoint.keep_last) if cfg.checkpoint.url else None
+    checkpointer = Checkpointer(manager=manager, cfg=cfg, strategy=strategy, ema=ema, ctx=ctx, sinks=sinks,
+                                steps_per_epoch=cadence.steps_per_epoch, global_batch_size=global_batch_size,
+                                extra_meta=extra_meta)
+    with watch_for_preemption() as preemption:
+        meter = IntervalMeter(ctx.device, learner.running_stats(), world_size=ctx.world_size,
+                              max_nonfinite_steps=cfg.optim.max_nonfinite_steps, preemption=preemption)
+        return train(learner, loaders, cadence, meter, checkpointer, sinks)
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool, sync_batchnorm: bool = False,
+                  compile: bool = False) -> nn.Module:
+    """The fixed chain every user of a network applies, in this order: to `device` -> channels-last (NHWC,
+    the format oneDNN and tensor cores run fastest) -> SyncBatchNorm -> torch.compile. The strategy's
+    wrapper (DDP or DeepSpeed) comes last, in `build_strategy`; `bare_module` undoes compile."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators of torch (CPU and GPUs), numpy and python: the model's initial weights come
+    from torch's, and code beside the trainer (a sink, a user's module) starts the same way every run."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def check_data(cfg: RunConfig, ctx: DistContext, loaders: Loaders) -> None:
+    """Refuse a data set that does not fit the model or has no full step to train on, before any work."""
+    if len(loaders.classes) != cfg.model.num_classes:
+        source = ("data.synthetic_classes" if cfg.data.dataset == "synthetic"
+                  else f"the data set at data.root={cfg.data.root!r}")
+        raise IncompatibleSettings(f"model.num_classes={cfg.model.num_classes} but {source} has "
+                                   f"{len(loaders.classes)} classes")
+    if len(loaders.train) < cfg.optim.accumulation_steps:
+        raise IncompatibleSettings(
+            f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x optim.accumulation_steps="
+            f"{cfg.optim.accumulation_steps} is larger than the training set ({loaders.num_train_images} images): "
+            "no full step to train on")
+
+
+def check_distributed(cfg: RunConfig, ctx: DistContext) -> None:
+    """Refuse strategy settings that cannot work on this launch, before any work."""
+    strategy = cfg.distributed.strategy
+    if strategy == "none" and ctx.world_size > 1:
+        raise IncompatibleSettings(
+            f"distributed.strategy='none' but {ctx.world_size} processes were launched: use 'ddp'")
+    if cfg.distributed.sync_batchnorm and ctx.device.type != "cuda":
+        raise IncompatibleSettings("distributed.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU "
+                                   "kernels); set it to false")
+    if strategy == "deepspeed":
+        if cfg.precision.dtype == "fp16":
+            raise IncompatibleSettings(
+                "precision.dtype='fp16' with distributed.strategy='deepspeed': DeepSpeed's loss scaling comes "
+                "with its fp16 mode, which casts BatchNorm to half; use bf16 (or ddp for fp16)")
+        if cfg.optim.name == "lars":
+            raise IncompatibleSettings(
+                "optim.name='lars' with distributed.strategy='deepspeed': ZeRO flattens parameters, so LARS "
+                "cannot see whole layers; use distributed.strategy='ddp'")
+        if cfg.precision.compile:
+            raise IncompatibleSettings("precision.compile=true with distributed.strategy='deepspeed' is not "
+                                       "supported; use ddp to compile")
+    if strategy != "deepspeed" and cfg.distributed.zero_stage != DistributedConfig().zero_stage:
+        warnings.warn(f"distributed.zero_stage has no effect with distributed.strategy={strategy!r}", stacklevel=3)
