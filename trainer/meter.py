@@ -61,17 +61,19 @@ class IntervalMeter:
         """`running_stats`: the model's floating buffers (BatchNorm running averages), rolled back after a
         skipped step. `preemption`: this rank's SIGTERM flag, reduced with every report."""
         self.device = device
-        self.preemption = preemption
+        # Consecutive non-finite losses up to the latest step, on this rank (carried across intervals).
+        self.nonfinite_streak = torch.zeros((), dtype=torch.float64, device=device)
         self.running_stats = running_stats
+        self.stats_at_start: list[torch.Tensor] = []
+        self.preemption = preemption
         self.world_size = world_size
+        """Ranks that the data wait is averaged over."""
         self.max_nonfinite_steps = max_nonfinite_steps
+        """optim.max_nonfinite_steps: the streak that stops the run."""
         self.train_time_s = 0.0
         """Wall time of every finished interval since this process started."""
         self.train_images = 0
         """Images of every finished interval, all ranks together."""
-        # Consecutive non-finite losses up to the latest step, on this rank (carried across intervals).
-        self.nonfinite_streak = torch.zeros((), dtype=torch.float64, device=device)
-        self.stats_at_start: list[torch.Tensor] = []
         self._rollback = False
         self.restart()
 

@@ -65,17 +65,16 @@ class StepBench:
 def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> float:
     """Images/s of a hand-written loop over `steps` steps, after `steps` warm-up steps."""
     from data_pipeline.synthetic import SyntheticLoader
+    from trainer import prepare_model
     from trainer.models import build_model
     from trainer.optim import build_optimizer
     from trainer.precision import resolve_precision
+    from trainer.strategy.single import bare_module
 
     torch.manual_seed(cfg.seed)
-    model: nn.Module = build_model(cfg.model).to(device)
-    if cfg.precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
-    if cfg.precision.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+    model = prepare_model(build_model(cfg.model), device, channels_last=cfg.precision.channels_last,
+                          compile=cfg.precision.compile)
+    optimizer = build_optimizer(bare_module(model), cfg.optim, cfg.optim.lr)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
