@@ -70,6 +70,11 @@ class DataConfig:
     """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
     num_workers: int = 8
     """Decoding threads (dali) or processes (torch) per training worker."""
+    reader_threads: int = 2
+    """dali: threads that read the files and compute the crops of upcoming batches, off the training thread;
+    0 reads them on the training thread (DALI's plain external source)."""
+    reader_lookahead: int = 4
+    """dali: batches read ahead of the pipeline's requests by the reader threads."""
     image_size: int = 224
     """Side of the square crops the model sees, in training and in validation."""
     min_crop_area: float = 0.08
@@ -88,6 +93,8 @@ class DataConfig:
         _require(bool(self.root), "root", self.root, "must name a folder")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")
+        _require(self.reader_lookahead >= 1, "reader_lookahead", self.reader_lookahead, "must be >= 1")
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(0 < self.min_crop_area <= 1, "min_crop_area", self.min_crop_area, "must be in (0, 1]")
         _require(0 < self.val_crop_ratio <= 1, "val_crop_ratio", self.val_crop_ratio, "must be in (0, 1]")
@@ -174,6 +181,10 @@ class PrecisionConfig:
     compile: bool = False
     """Compile the model with torch.compile (inductor): fused BatchNorm/ReLU kernels, minutes of compile
     time at start-up; worth it for long GPU runs."""
+    tf32: bool = True
+    """GPUs: let fp32 matmuls and convolutions (those autocast leaves in fp32) use TF32 tensor cores."""
+    cudnn_benchmark: bool = True
+    """GPUs: let cuDNN time its convolution algorithms once per input shape and keep the fastest."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,7 +15,8 @@ windows. DALI still decodes only the window (`decoders.image_slice`, ROI decodin
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,47 @@ from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+SourceBatch = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips."""
+
+
+class BatchReader:
+    """Prepares the external source's batches in order: on `num_threads` background threads, `lookahead`
+    batches ahead of the requests, so that the training thread (which DALI calls the source on) only
+    collects finished batches; with `num_threads=0` on the calling thread. The batches and their order are
+    the same either way: only where the work happens differs."""
+
+    def __init__(self, read: Callable[[list[SampleKey]], SourceBatch], *, num_threads: int, lookahead: int) -> None:
+        self.read = read
+        self.lookahead = lookahead
+        self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="dali-reader") if num_threads else None
+        self.keys: Iterator[list[SampleKey]] = iter(())
+        self.ahead: deque[tuple[list[SampleKey], Future[SourceBatch]]] = deque()
+
+    def start(self, keys: Iterator[list[SampleKey]]) -> None:
+        """Read the batches of `keys` next; what was read ahead of another position is dropped."""
+        for _, future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
+        self.keys = keys
+        self._fill()
+
+    def next(self) -> tuple[list[SampleKey], SourceBatch]:
+        """The keys and contents of the next batch; StopIteration after the last."""
+        if self.pool is None:
+            keys = next(self.keys)
+            return keys, self.read(keys)
+        if not self.ahead:
+            raise StopIteration
+        keys, future = self.ahead.popleft()
+        self._fill()
+        return keys, future.result()
+
+    def _fill(self) -> None:
+        if self.pool is None:
+            return
+        while len(self.ahead) < self.lookahead and (keys := next(self.keys, None)) is not None:
+            self.ahead.append((keys, self.pool.submit(self.read, keys)))
 
 
 def _import_dali() -> Any:
@@ -39,6 +81,16 @@ def _import_dali() -> Any:
         raise ImportError("data.loader='dali' needs NVIDIA DALI: install the extra dali "
                           "(pip install 'resnet-train[dali]'), or set data.loader=torch") from error
     return dali
+
+
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's `device_id`: the training context's GPU, never local_rank or the current device (under Ray
+    every worker sees all of a node's GPUs); None for a CPU-only pipeline."""
+    if device.type != "cuda":
+        return None
+    if device.index is None:
+        raise ValueError(f"{device}: a GPU pipeline needs the GPU's index (cuda:N)")
+    return device.index
 
 
 class DaliLoader:
@@ -54,7 +106,7 @@ class DaliLoader:
         self.dtype = dtype
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
                                            world_size=world_size, seed=seed, train=train)
-        self._pending: Iterator[list[SampleKey]] = iter(())
+        self.reader = BatchReader(self._read_batch, num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
         self._in_flight: deque[list[SampleKey]] = deque()
         self.pipeline = self._build_pipeline(seed)
 
@@ -66,12 +118,8 @@ class DaliLoader:
         fn, types = dali.fn, dali.types
 
         gpu = self.device.type == "cuda"
-        device_id = None
-        if gpu:
-            # The training context's device, never local_rank: under Ray every worker sees all of a node's GPUs.
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipeline = dali.Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                                 device_id=device_id, seed=seed, prefetch_queue_depth=2)
+                                 device_id=dali_device_id(self.device), seed=seed, prefetch_queue_depth=2)
         with pipeline:
             encoded, start, shape, mirror = fn.external_source(
                 source=self._next_batch, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT32, types.INT32,
@@ -89,12 +137,19 @@ class DaliLoader:
         pipeline.build()
         return pipeline
 
-    def _next_batch(self) -> tuple[list[np.ndarray], ...]:
-        """DALI's source: the encoded files, crop windows and flips of the next batch; StopIteration ends
-        the epoch. DALI calls it ahead of the batches it returns (its prefetch queue)."""
-        keys = next(self._pending)
+    def _next_batch(self) -> SourceBatch:
+        """DALI's source, called on the thread that runs the pipeline (ahead of the batches it returns, for
+        its prefetch queue): the next batch from the reader; StopIteration ends the epoch."""
+        keys, batch = self.reader.next()
         self._in_flight.append(keys)
-        encoded, starts, shapes, mirrors = [], [], [], []
+        return batch
+
+    def _read_batch(self, keys: list[SampleKey]) -> SourceBatch:
+        """The encoded files, crop windows and flips of one batch (on a reader thread)."""
+        encoded: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
+        shapes: list[np.ndarray] = []
+        mirrors: list[np.ndarray] = []
         for index, seed in keys:
             sample = self.index.samples[index]
             encoded.append(np.fromfile(self.index.root / sample.path, dtype=np.uint8))
@@ -106,7 +161,7 @@ class DaliLoader:
 
     def _restart(self, keys: Iterator[list[SampleKey]]) -> None:
         """Discard what an unfinished epoch left in flight, then make `keys` the pipeline's next epoch."""
-        self._pending = iter(())
+        self.reader.start(iter(()))
         while True:
             try:
                 self.pipeline.outputs()
@@ -115,7 +170,7 @@ class DaliLoader:
         self.pipeline.schedule_run()  # lets the source report the end, so that reset() rewinds
         self.pipeline.reset()
         self._in_flight.clear()
-        self._pending = keys
+        self.reader.start(keys)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of epoch `epoch` from batch `start_batch` on; the same for the same arguments."""

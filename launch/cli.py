@@ -18,7 +18,7 @@ from typing import Any
 from configs.errors import ConfigError
 from configs.extras import require_extras
 from configs.loader import dump_config, load_config
-from configs.schema import RunConfig
+from configs.schema import DataConfig, RunConfig
 from launch.errors import PromotionRefused, describe_exit_statuses, exit_status_of
 
 DEFAULT_CONFIG = "quickstart"
@@ -95,8 +95,8 @@ def train(args: argparse.Namespace) -> None:
 
 @command("bench step", "the engine's training step against a bare PyTorch loop, on synthetic device-resident data",
          *config_arguments(),
-         arg("--steps", type=int, default=20, help="timed steps per variant per round (default: 20)"),
-         arg("--rounds", type=int, default=3, help="alternating rounds of both variants (default: 3)"),
+         arg("--steps", type=int, default=10, help="timed steps per variant per round (default: 10)"),
+         arg("--rounds", type=int, default=9, help="alternating rounds of both variants (default: 9)"),
          JSON_ARGUMENT)
 def bench_step(args: argparse.Namespace) -> None:
     from launch.bench.step import bench_step
@@ -109,20 +109,22 @@ def bench_step(args: argparse.Namespace) -> None:
 
 @command("bench data", "images/s of the DALI pipeline against the baseline DataLoader on the same JPEG files",
          arg("--root", default=None, help="an indexed ImageNet-layout tree to read (default: generate --images JPEGs)"),
-         arg("--images", type=int, default=1024, help="generated training images, 500x375 px at quality 90 "
-                                                       "(default: 1024)"),
+         arg("--images", type=int, default=512, help="generated training images, 500x375 px at quality 90 "
+                                                      "(default: 512)"),
          arg("--batch-size", type=int, default=64, help="images per batch (default: 64)"),
          arg("--num-workers", type=int, default=2,
              help="DataLoader processes and DALI threads, the same for both (default: 2)"),
+         arg("--reader-threads", type=int, default=DataConfig().reader_threads,
+             help=f"DALI reader threads (default: {DataConfig().reader_threads})"),
          arg("--image-size", type=int, default=224, help="crop side in pixels (default: 224)"),
-         arg("--rounds", type=int, default=3, help="timed epochs per loader (default: 3)"),
+         arg("--rounds", type=int, default=7, help="timed epochs per loader, interleaved (default: 7)"),
          JSON_ARGUMENT)
 def bench_data(args: argparse.Namespace) -> None:
     from launch.bench.data import bench_data_command
 
     print(bench_data_command(root=args.root, num_images=args.images, batch_size=args.batch_size,
-                             num_workers=args.num_workers, image_size=args.image_size, rounds=args.rounds,
-                             as_json=args.json))
+                             num_workers=args.num_workers, reader_threads=args.reader_threads,
+                             image_size=args.image_size, rounds=args.rounds, as_json=args.json))
 
 
 @command("bench train", "end-to-end images/s of a whole training run (per device, all devices, MFU on GPUs)",

@@ -19,7 +19,11 @@ class DistContext:
     world_size: int
     """Number of training processes in the job."""
     device: torch.device
-    """The device this process trains on."""
+    """The device this process trains on: every placement (model, DDP, DeepSpeed, DALI, streams) takes it
+    from here, never from local_rank or the current device (under Ray a worker sees all of a node's GPUs)."""
+
+    def __post_init__(self) -> None:
+        assert self.device.type != "cuda" or self.device.index is not None, "a GPU context names its GPU"
 
     @property
     def is_primary(self) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from configs.errors import IncompatibleSettings
-from configs.schema import DistributedConfig, RunConfig
+from configs.schema import DistributedConfig, PrecisionConfig, RunConfig
 from data_pipeline import Loaders, build_loaders
 from trainer.cadence import Cadence
 from trainer.checkpoint import open_checkpoints
@@ -36,6 +36,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
     primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue."""
     seed_everything(cfg.seed)
+    apply_device_settings(ctx.device, cfg.precision)
     precision = resolve_precision(cfg.precision, ctx.device)
     loaders = build_loaders(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                             dtype=precision.input_dtype)
@@ -84,6 +85,17 @@ def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool
     if compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
+
+
+def apply_device_settings(device: torch.device, cfg: PrecisionConfig) -> None:
+    """On a GPU: make `device` the current one (what nccl, DALI and any library that asks for "the" GPU
+    then use), and set TF32 and cuDNN autotuning as configured. Nothing on CPUs."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
 
 def seed_everything(seed: int) -> None:

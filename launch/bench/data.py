@@ -16,23 +16,31 @@ import torch
 
 from configs.schema import DataConfig
 
-from launch.bench import synchronize
+from launch.bench import spread, spread_warning, synchronize
 
 
 @dataclass(frozen=True, slots=True)
 class DataBench:
-    """Images/s that each loader delivered over whole training epochs of the same files, per round."""
+    """What each loader delivered over whole training epochs of the same files, per round."""
 
     num_images: int
     image_size: int
     batch_size: int
     num_workers: int
     """DataLoader processes for the baseline, DALI CPU threads for DALI."""
+    reader_threads: int
+    """DALI's reader threads (the files and crops of upcoming batches), for the variants that have them."""
     dtype: str
     source: str
     """Where the JPEG files came from."""
     images_per_s: dict[str, list[float]]
-    """Variant ('torch', 'dali-cpu', 'dali-mixed' on a GPU) -> images/s of each timed round."""
+    """Variant -> images/s of each timed round. torch: the DataLoader; dali-cpu: DALI on CPU threads, files
+    read by the reader threads; dali-cpu-inline: the same with the files read on the calling thread (what
+    DALI's plain external source does); dali-mixed (GPUs): nvJPEG decoding."""
+    loader_cpu_ms_per_batch: dict[str, list[float]]
+    """Variant -> CPU time the calling (training) thread spent inside the loader per batch, each round."""
+    loader_wall_ms_per_batch: dict[str, list[float]]
+    """Variant -> wall time the calling thread spent inside the loader per batch (work plus waiting)."""
 
     def ratio(self, variant: str) -> float:
         """Median images/s of `variant` over the baseline's."""
@@ -45,13 +53,18 @@ class DataBench:
         return json.dumps(record)
 
     def table(self) -> str:
-        """The human-readable report."""
+        """The human-readable report: median (min-max) of the rounds."""
         rows = [f"bench data: {self.num_images} images ({self.source}) -> {self.image_size}px {self.dtype}, "
-                f"batch {self.batch_size}, {self.num_workers} workers/threads, training crops",
-                f"{'loader':<10} {'images/s (median)':>18} {'rounds':>30} {'/ torch':>8}"]
+                f"batch {self.batch_size}, {self.num_workers} workers/threads, {self.reader_threads} DALI reader "
+                f"threads, training crops, {len(self.images_per_s['torch'])} rounds",
+                f"{'loader':<16} {'images/s':>24} {'/ torch':>8} {'training thread in loader, ms/batch':>38}",
+                f"{'':<16} {'':>24} {'':>8} {'CPU':>18} {'wall':>19}"]
         for variant, values in self.images_per_s.items():
-            rounds = " ".join(f"{v:.0f}" for v in values)
-            rows.append(f"{variant:<10} {statistics.median(values):>18.1f} {rounds:>30} {self.ratio(variant):>8.2f}")
+            rows.append(f"{variant:<16} {spread(values):>24} {self.ratio(variant):>8.2f} "
+                        f"{spread(self.loader_cpu_ms_per_batch[variant]):>18} "
+                        f"{spread(self.loader_wall_ms_per_batch[variant]):>19}")
+        if (warning := spread_warning(self.images_per_s)) is not None:
+            rows.append(warning)
         return "\n".join(rows)
 
 
@@ -78,33 +91,53 @@ def write_photo_like_jpegs(root: Path, *, num_images: int, size: tuple[int, int]
 
 def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str) -> DataBench:
     """Time whole training epochs of each loader variant over the indexed data set at `cfg.root`, alternating
-    variants round by round after one untimed warm-up epoch each (worker start-up, pipeline build)."""
+    variants round by round after one untimed warm-up epoch each (worker start-up, pipeline build). Also
+    times what the calling thread spends inside the loader (its CPU time and wall time per batch): on a
+    GPU that thread launches the kernels."""
     from data_pipeline import build_loaders
+    from trainer.dist import single_process_context
 
-    device_of = {"torch": torch.device("cpu"), "dali-cpu": torch.device("cpu"), "dali-mixed": torch.device("cuda")}
+    gpu = single_process_context().device
+    device_of = {"torch": torch.device("cpu"), "dali-cpu": torch.device("cpu"),
+                 "dali-cpu-inline": torch.device("cpu"), "dali-mixed": gpu}
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     loaders = {}
     for variant in variants:
-        loader_cfg = dataclasses.replace(cfg, loader="torch" if variant == "torch" else "dali")
+        loader_cfg = dataclasses.replace(cfg, loader="torch" if variant == "torch" else "dali",
+                                         reader_threads=0 if variant == "dali-cpu-inline" else cfg.reader_threads)
         loaders[variant] = build_loaders(loader_cfg, seed=0, device=device_of[variant], dtype=dtype)
     images_per_s: dict[str, list[float]] = {variant: [] for variant in variants}
+    cpu_ms: dict[str, list[float]] = {variant: [] for variant in variants}
+    wall_ms: dict[str, list[float]] = {variant: [] for variant in variants}
     for round_ in range(rounds + 1):
         for variant, built in loaders.items():
             device = device_of[variant]
             start = time.perf_counter()
-            images = 0
-            for batch, _ in built.train.iter_epoch(round_):
-                images += batch.shape[0]
+            images = batches = 0
+            inside_cpu_s = inside_wall_s = 0.0
+            iterator = built.train.iter_epoch(round_)
+            while True:
+                cpu_start, wall_start = time.thread_time(), time.perf_counter()
+                batch = next(iterator, None)
+                inside_cpu_s += time.thread_time() - cpu_start
+                inside_wall_s += time.perf_counter() - wall_start
+                if batch is None:
+                    break
+                images += batch[0].shape[0]
+                batches += 1
             synchronize(device)
             if round_ > 0:
                 images_per_s[variant].append(images / (time.perf_counter() - start))
+                cpu_ms[variant].append(1000 * inside_cpu_s / batches)
+                wall_ms[variant].append(1000 * inside_wall_s / batches)
     return DataBench(num_images=built.num_train_images, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                     num_workers=cfg.num_workers, dtype=str(dtype).removeprefix("torch."), source=source,
-                     images_per_s=images_per_s)
+                     num_workers=cfg.num_workers, reader_threads=cfg.reader_threads,
+                     dtype=str(dtype).removeprefix("torch."), source=source, images_per_s=images_per_s,
+                     loader_cpu_ms_per_batch=cpu_ms, loader_wall_ms_per_batch=wall_ms)
 
 
-def bench_data_command(*, root: str | None, num_images: int, batch_size: int, num_workers: int, image_size: int,
-                       rounds: int, as_json: bool) -> str:
+def bench_data_command(*, root: str | None, num_images: int, batch_size: int, num_workers: int,
+                       reader_threads: int, image_size: int, rounds: int, as_json: bool) -> str:
     """Run `bench data` on `root` (or on `num_images` generated JPEGs in a temporary folder) and return
     its report."""
     import tempfile
@@ -112,10 +145,10 @@ def bench_data_command(*, root: str | None, num_images: int, batch_size: int, nu
     from configs.errors import ConfigError
     from data_pipeline.prepare import prepare_index
 
-    if min(num_images, batch_size, num_workers, rounds) < 1:
-        raise ConfigError(f"--images={num_images}, --batch-size={batch_size}, --num-workers={num_workers} and "
-                          f"--rounds={rounds} must all be >= 1")
-    variants = ["torch", "dali-cpu", *(["dali-mixed"] if torch.cuda.is_available() else [])]
+    if min(num_images, batch_size, num_workers, rounds, reader_threads) < 1:
+        raise ConfigError(f"--images={num_images}, --batch-size={batch_size}, --num-workers={num_workers}, "
+                          f"--reader-threads={reader_threads} and --rounds={rounds} must all be >= 1")
+    variants = ["torch", "dali-cpu", "dali-cpu-inline", *(["dali-mixed"] if torch.cuda.is_available() else [])]
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         if root is None:
             root = scratch
@@ -125,6 +158,6 @@ def bench_data_command(*, root: str | None, num_images: int, batch_size: int, nu
         else:
             source = root
         cfg = DataConfig(dataset="folder", root=root, batch_size=batch_size, num_workers=num_workers,
-                         image_size=image_size)
+                         reader_threads=reader_threads, image_size=image_size)
         result = bench_data(cfg, rounds=rounds, variants=variants, source=source)
     return result.as_json() if as_json else result.table()

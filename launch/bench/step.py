@@ -20,7 +20,7 @@ from torch import nn
 
 from configs.schema import RunConfig
 
-from launch.bench import synchronize
+from launch.bench import spread, spread_warning, synchronize
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +51,16 @@ class StepBench:
 
     def table(self) -> str:
         """The human-readable report."""
+        variants = {"bare": self.bare_images_per_s, "engine": self.engine_images_per_s}
         rows = [f"bench step: {self.model} {self.image_size}px, batch {self.batch_size}, {self.precision}, "
-                f"{self.device}, {self.steps} timed steps per round",
-                f"{'variant':<8} {'images/s (median)':>18} {'rounds':>30} {'GFLOP/s':>10}"]
-        for name, values in (("bare", self.bare_images_per_s), ("engine", self.engine_images_per_s)):
-            median = statistics.median(values)
-            rounds = " ".join(f"{v:.1f}" for v in values)
-            rows.append(f"{name:<8} {median:>18.1f} {rounds:>30} {median * self.training_gflops_per_image:>10.1f}")
+                f"{self.device}, {self.steps} timed steps per round, {len(self.bare_images_per_s)} rounds",
+                f"{'variant':<8} {'images/s median (min-max)':>30} {'GFLOP/s':>10}"]
+        for name, values in variants.items():
+            gflops = statistics.median(values) * self.training_gflops_per_image
+            rows.append(f"{name:<8} {spread(values):>30} {gflops:>10.1f}")
         rows.append(f"engine / bare: {self.engine_over_bare:.3f}")
+        if (warning := spread_warning(variants)) is not None:
+            rows.append(warning)
         return "\n".join(rows)
 
 

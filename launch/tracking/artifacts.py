@@ -22,6 +22,7 @@ from configs.extras import import_extra
 from configs.loader import config_from_dict, load_config
 from configs.schema import RunConfig
 from trainer.checkpoint import STEP_FOLDER, open_checkpoints
+from trainer.dist import single_process_context
 from trainer.engine import prepare_model
 from trainer.models import build_model
 from trainer.serialize import from_bytes
@@ -94,7 +95,7 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
     from trainer.evaluate import evaluate
     from trainer.precision import resolve_precision
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or single_process_context().device
     data = trained.cfg.data
     if data_root is not None:
         data = replace(data, root=data_root, index_dir=None)

@@ -37,8 +37,11 @@ def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytes
                  "--num-workers", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip())
     assert record["num_images"] == 16 and record["source"].startswith("generated 500x375 q90")
-    assert set(record["images_per_s"]) == {"torch", "dali-cpu"}
-    assert all(len(values) == 2 and min(values) > 0 for values in record["images_per_s"].values())
+    variants = {"torch", "dali-cpu", "dali-cpu-inline"}
+    assert set(record["images_per_s"]) == set(record["loader_cpu_ms_per_batch"]) == variants
+    for timings in (record["images_per_s"], record["loader_cpu_ms_per_batch"], record["loader_wall_ms_per_batch"]):
+        assert all(len(values) == 2 and min(values) > 0 for values in timings.values())
+    assert record["reader_threads"] == 2
     assert record["over_torch"]["dali-cpu"] == pytest.approx(
         statistics.median(record["images_per_s"]["dali-cpu"]) / statistics.median(record["images_per_s"]["torch"]))
     assert main(["bench", "data", "--rounds", "0"]) == 2

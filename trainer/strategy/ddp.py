@@ -13,6 +13,11 @@ from trainer.dist import DistContext, broadcast_buffers
 from trainer.strategy.single import SingleStrategy, bare_module
 
 
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """DDP's `device_ids`: the GPU the model lives on (one per process), None on CPUs."""
+    return [device.index] if device.type == "cuda" else None
+
+
 class DDPStrategy(SingleStrategy):
     """`SingleStrategy` with the model wrapped in DDP (nccl on GPUs, gloo on CPUs)."""
 
@@ -21,7 +26,7 @@ class DDPStrategy(SingleStrategy):
         self.bare = bare_module(model)
         wrapped = DistributedDataParallel(
             model,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            device_ids=ddp_device_ids(ctx.device),
             bucket_cap_mb=cfg.bucket_cap_mb,
             # Gradients are written straight into the communication buckets: one copy less per step.
             gradient_as_bucket_view=True,

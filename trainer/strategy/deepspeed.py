@@ -18,6 +18,7 @@ What differs from DDP, and why:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -66,6 +67,12 @@ def deepspeed_config(cfg: DistributedConfig, *, micro_batch_size: int, accumulat
     }
 
 
+def deepspeed_device_rank(ctx: DistContext) -> int:
+    """The `device_rank` DeepSpeed's engine places itself on: the context's GPU; on CPUs the local rank
+    (DeepSpeed's CPU accelerator ignores it, but a negative one would make it a one-process job)."""
+    return ctx.device.index if ctx.device.type == "cuda" else ctx.local_rank
+
+
 class DeepSpeedStrategy:
     """A DeepSpeed engine around the model and our optimizer; see the module docstring."""
 
@@ -78,8 +85,10 @@ class DeepSpeedStrategy:
         self.zero_stage = cfg.zero_stage
         config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
                                   world_size=ctx.world_size)
-        self.engine, wrapped_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                                                    dist_init_required=False)
+        # DeepSpeed would place itself on cuda:LOCAL_RANK unless told the device: under Ray those differ.
+        self.engine, wrapped_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=deepspeed_device_rank(ctx)), model=model, optimizer=optimizer,
+            config=config, dist_init_required=False)
         self.model = self.engine
         # ZeRO 1/2 wrap our optimizer and point its param groups at this rank's flat fp32 partitions.
         self.optimizer: torch.optim.Optimizer = getattr(wrapped_optimizer, "optimizer", wrapped_optimizer)
