@@ -22,6 +22,7 @@ def atomic_write(path: str | Path, data: bytes | str, *, temporary_dir: str | Pa
     `fsync`: also flush the data to the disk before the rename, so that a machine crash cannot leave an
     empty file behind the new name."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(temporary_dir) if temporary_dir is not None else path.parent
     folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / f"{path.name}{TEMPORARY_MARK}{uuid.uuid4().hex}"
