@@ -154,6 +154,28 @@ def bench_launch(args: argparse.Namespace) -> None:
     print(launched.as_json() if args.json else launched.table())
 
 
+@command("bench gpu", "measure a GPU node: bare step, engine, DALI mixed, DataLoader, side by side (tiny on a CPU)",
+         arg("--out", required=True, help="folder for bench_gpu.json, bench_gpu.md and the generated JPEG files"),
+         arg("--batch-size", type=int, default=None, help="images per step (default: 256 on a GPU)"),
+         arg("--steps", type=int, default=None, help="steps per timed round (default: 30 on a GPU)"),
+         arg("--rounds", type=int, default=None, help="timed rounds per row (default: 3 on a GPU)"),
+         arg("--images", type=int, default=None, help="generated JPEG files (default: 20000 on a GPU)"),
+         JSON_ARGUMENT)
+def bench_gpu(args: argparse.Namespace) -> None:
+    import torch
+
+    from launch.bench.gpu import GpuBenchSettings, bench_gpu
+
+    settings = GpuBenchSettings() if torch.cuda.is_available() else GpuBenchSettings.tiny()
+    given = {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images": args.images}
+    for name, value in given.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    settings = dataclasses.replace(settings, **{name: value for name, value in given.items() if value is not None})
+    result = bench_gpu(Path(args.out), settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(result.as_json() if args.json else f"{result.table()}\n(also in {args.out}/bench_gpu.json and .md)")
+
+
 TRACKING_URI_ARGUMENT = arg("--tracking-uri", default=None,
                             help="MLflow tracking URI, for models:/ URIs (default: $MLFLOW_TRACKING_URI, else the "
                                  "embedded store sqlite:///runs/mlflow.db)")

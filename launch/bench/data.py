@@ -69,24 +69,38 @@ class DataBench:
 
 
 def write_photo_like_jpegs(root: Path, *, num_images: int, size: tuple[int, int] = (500, 375), quality: int = 90,
-                           num_classes: int = 10, seed: int = 0) -> None:
+                           num_classes: int = 10, seed: int = 0, num_processes: int = 1) -> None:
     """`num_images` JPEGs of `size` at `quality` in an ImageNet-layout tree (train/ and a one-image-per-class
     val/), with smooth colour fields plus grain, so they compress like photographs (about 60-120 kB at
-    500x375, quality 90), not like flat colour or white noise."""
+    500x375, quality 90), not like flat colour or white noise. Each file depends only on (seed, its number),
+    so `num_processes` changes only how fast they are written."""
+    jobs = []
+    for i in range(num_images + num_classes):
+        split, label = ("train", i % num_classes) if i < num_images else ("val", i - num_images)
+        jobs.append((root / split / f"class_{label:03d}" / f"{i:06d}.JPEG", size, quality, (seed, i)))
+    if num_processes <= 1:
+        for job in jobs:
+            _write_photo_like_jpeg(*job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Fresh processes, not forks of this one (which may hold CUDA or DALI threads).
+    with ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        list(pool.map(_write_photo_like_jpeg, *zip(*jobs, strict=True), chunksize=64))
+
+
+def _write_photo_like_jpeg(path: Path, size: tuple[int, int], quality: int, seed: tuple[int, int]) -> None:
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     width, height = size
-    for i in range(num_images + num_classes):
-        split, label = ("train", i % num_classes) if i < num_images else ("val", i - num_images)
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8))
-        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-        grain = rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
-        folder = root / split / f"class_{label:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.JPEG",
-                                                                               quality=quality)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(path, quality=quality)
 
 
 def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str) -> DataBench:

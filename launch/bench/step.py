@@ -64,8 +64,10 @@ class StepBench:
         return "\n".join(rows)
 
 
-def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> float:
-    """Images/s of a hand-written loop over `steps` steps, after `steps` warm-up steps."""
+def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device) -> list[float]:
+    """Images/s of a hand-written loop (autocast forward, loss, backward, optimizer step) on synthetic
+    device-resident batches: `rounds` timed rounds of `steps` steps each, after `steps` warm-up steps
+    (kernel selection, allocator, caches; and compilation with precision.compile)."""
     from data_pipeline.synthetic import SyntheticLoader
     from trainer import prepare_model
     from trainer.models import build_model
@@ -80,10 +82,12 @@ def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> fl
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    batches = SyntheticLoader(cfg.data, num_batches=2 * steps, seed=cfg.seed, device=device).iter_epoch(0)
+    batches = SyntheticLoader(cfg.data, num_batches=(rounds + 1) * steps, seed=cfg.seed,
+                              device=device).iter_epoch(0)
     model.train()
 
-    def run_steps() -> None:
+    def run_steps() -> float:
+        start = time.perf_counter()
         for _ in range(steps):
             images, labels = next(batches)
             with precision.autocast():
@@ -93,24 +97,25 @@ def bare_images_per_s(cfg: RunConfig, *, steps: int, device: torch.device) -> fl
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         synchronize(device)
+        return steps * cfg.data.batch_size / (time.perf_counter() - start)
 
-    run_steps()  # warm-up: kernel selection, allocator, caches
-    start = time.perf_counter()
-    run_steps()
-    elapsed_s = time.perf_counter() - start
-    return steps * cfg.data.batch_size / elapsed_s
+    run_steps()  # warm-up
+    return [run_steps() for _ in range(rounds)]
 
 
-class _LastReport:
+class ReportRecorder:
+    """A sink that keeps every training report (the ones with a loss), in order."""
+
     def __init__(self) -> None:
-        self.images_per_s = 0.0
+        self.reports: list[dict[str, float]] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if "images_per_s" in metrics:
-            self.images_per_s = metrics["images_per_s"]
+        """Keep `metrics` if it is a training report."""
+        if "loss" in metrics:
+            self.reports.append(metrics)
 
     def on_checkpoint(self, step: int, url: str) -> None:
-        pass
+        """Nothing: benchmarks write no checkpoints."""
 
 
 def engine_images_per_s(cfg: RunConfig, *, steps: int) -> float:
@@ -126,9 +131,9 @@ def engine_images_per_s(cfg: RunConfig, *, steps: int) -> float:
         checkpoint=dataclasses.replace(cfg.checkpoint, url=None),
         optim=dataclasses.replace(cfg.optim, accumulation_steps=1),
     )
-    report = _LastReport()
-    trainer.run(engine_cfg, single_process_context(), [report])
-    return report.images_per_s
+    recorder = ReportRecorder()
+    trainer.run(engine_cfg, single_process_context(), [recorder])
+    return recorder.reports[-1]["images_per_s"]
 
 
 def bench_step(cfg: RunConfig, *, steps: int, rounds: int) -> StepBench:
@@ -143,7 +148,7 @@ def bench_step(cfg: RunConfig, *, steps: int, rounds: int) -> StepBench:
     device = single_process_context().device
     bare, engine = [], []
     for _ in range(rounds):
-        bare.append(bare_images_per_s(cfg, steps=steps, device=device))
+        bare += bare_rounds(cfg, steps=steps, rounds=1, device=device)
         engine.append(engine_images_per_s(cfg, steps=steps))
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"

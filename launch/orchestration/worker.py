@@ -38,7 +38,7 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
         if cfg.tracking.enabled:
             from launch.tracking.sink import MlflowSink
 
-            tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=ctx.device.type,
+            tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=str(ctx.device),
                                  checkpointed=latest.meta.get("mlflow") if latest is not None else None)
             sinks.append(tracker)
     try:

@@ -80,7 +80,8 @@ class MlflowSink:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, world_size: int, device: str,
                  checkpointed: dict[str, str] | None = None, max_buffered: int = 100_000,
                  request_timeout_s: int = 5) -> None:
-        """`checkpointed`: the `mlflow` record of the checkpoint the run resumes from, if any."""
+        """`device`: the primary process's training device (cpu, cuda:3), tagged. `checkpointed`: the `mlflow`
+        record of the checkpoint the run resumes from, if any."""
         # Retries are the background thread's own (with backoff); a call gives up in seconds.
         limit_http_calls(timeout_s=request_timeout_s, max_retries=0)
         self.mlflow = import_extra("mlflow")
@@ -199,7 +200,9 @@ class MlflowSink:
                 raise
 
     def _start_system_metrics(self) -> None:
-        """CPU, memory, disk, network (and GPU with nvidia-ml-py) every 10 s, logged by MLflow's own thread."""
+        """CPU, memory, disk, network (and GPU with nvidia-ml-py) every 10 s, logged by MLflow's own thread.
+        They describe the primary's node: GPU metrics cover every GPU there (gpu_<NVML index>_*), the
+        training device's index is in the `device` tag."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, tracking_uri=self.uri,

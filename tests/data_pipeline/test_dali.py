@@ -102,3 +102,17 @@ def test_a_file_broken_after_indexing_is_named(tmp_path: Path, colours_root: Pat
     broken.write_bytes(broken.read_bytes()[:200])
     with pytest.raises(DatasetError, match=rf"{broken}: not a decodable image.*data prepare"):
         batches(config(tmp_path / "data", batch_size=4))
+
+
+def test_reader_threads_change_where_files_are_read_not_what_is_delivered(digits_root: Path) -> None:
+    inline = build_loaders(config(digits_root, reader_threads=0), seed=0).train
+    threaded = build_loaders(config(digits_root, reader_threads=2, reader_lookahead=3), seed=0).train
+    for epoch, start in ((0, 0), (1, 7)):
+        # An abandoned epoch first: what the reader threads had read ahead of it must not leak into the next.
+        abandoned = threaded.iter_epoch(epoch + 5)
+        next(abandoned)
+        expected = list(inline.iter_epoch(epoch, start_batch=start))
+        delivered = list(threaded.iter_epoch(epoch, start_batch=start))
+        assert len(delivered) == len(expected) == 45 - start
+        for (images, labels), (reference, reference_labels) in zip(delivered, expected, strict=True):
+            assert torch.equal(labels, reference_labels) and torch.equal(images, reference)

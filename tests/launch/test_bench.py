@@ -70,3 +70,38 @@ def test_bench_train_reports_the_runs_own_throughput(capsys: pytest.CaptureFixtu
                          training_gflops_per_image=24.6, peak_tflops_per_device=989.4, run_dir="-")
     assert on_gpus.mfu == pytest.approx(3000 * 24.6e9 / 989.4e12)
     assert "MFU" in on_gpus.table() and f"{100 * on_gpus.mfu:.1f}%" in on_gpus.table()
+
+
+def test_bench_gpu_runs_its_tiny_configuration_on_a_cpu_and_says_what_it_skipped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this test runs the CPU configuration; tests/gpu runs the GPU one")
+    assert main(["bench", "gpu", "--out", str(tmp_path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {row["name"]: row for row in record["rows"]}
+    assert set(rows) == {"bare step, synthetic (compute ceiling)", "engine, synthetic",
+                         "bare step, synthetic, compiled", "engine, synthetic, compiled",
+                         "DALI mixed alone (decode ceiling)", "engine + DALI mixed", "engine + DataLoader (1 worker)"}
+    for name in ("bare step, synthetic (compute ceiling)", "engine, synthetic", "engine + DataLoader (1 worker)"):
+        rates = rows[name]["images_per_s"]
+        assert len(rates) == 2 and min(rates) > 0 and not rows[name]["skipped"]
+    assert 0 <= rows["engine + DataLoader (1 worker)"]["data_wait_share"] < 1
+    assert rows["engine + DALI mixed"]["skipped"] == "needs a GPU (DALI's mixed decoder)"
+    assert rows["engine, synthetic, compiled"]["skipped"].startswith("torch.compile rows run on GPUs only")
+    assert record["machine"]["torch"] == torch.__version__ and record["settings"]["model"] == "resnet18"
+    assert json.loads((tmp_path / "bench_gpu.json").read_text()) == record
+    assert "| engine + DALI mixed | skipped: needs a GPU" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_bench_gpu_mfu_is_training_flops_over_the_peak() -> None:
+    from launch.bench.gpu import GpuBenchSettings, Row, with_mfu
+    from trainer.models import resnet50
+    from trainer.models.flops import training_flops_per_image
+
+    settings = GpuBenchSettings()
+    row = with_mfu(Row("engine, synthetic", [3000.0, 3100.0, 2900.0]), settings, "NVIDIA H200")
+    assert row.mfu == pytest.approx(3000 * training_flops_per_image(resnet50(), 224) / 989.4e12)
+    assert with_mfu(Row("DALI mixed alone (decode ceiling)", [9000.0]), settings, "NVIDIA H200").mfu is None
+    assert with_mfu(Row("engine, synthetic", [3000.0]), settings, "cpu").mfu is None
