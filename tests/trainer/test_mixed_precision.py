@@ -1,8 +1,8 @@
 """bf16 and fp16 runs on the CPU: the paths a GPU takes by default (bf16 autocast) and with fp16 (dynamic loss
 scaling) train, checkpoint, resume and evaluate, for one process, DDP and DeepSpeed ZeRO-1.
 
-Kept tiny (ResNet-18 at 16 px on synthetic batches, 8 steps an epoch): bf16 on a CPU without native support
-is emulated and many times slower than fp32.
+Kept tiny (ResNet-18 at 8 px on synthetic batches, 4 steps an epoch for one process): bf16 and fp16 on a CPU
+without native support are emulated and many times slower than fp32.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from trainer.serialize import from_bytes
 
 
 def config(checkpoint_dir: Path, dtype: str, *extra: str) -> RunConfig:
-    # 2 epochs of 256 // 32 = 8 steps (one rank); checkpoints every 6 steps and at epoch ends (6, 8, 12, 16).
+    # 2 epochs of 128 // 32 = 4 steps (one rank); checkpoints every 3 steps and at epoch ends (3, 4, 6, 8).
     return load_config("quickstart", [
-        "data.dataset=synthetic", "data.synthetic_images=256", "data.synthetic_classes=10", "data.image_size=16",
+        "data.dataset=synthetic", "data.synthetic_images=128", "data.synthetic_classes=10", "data.image_size=8",
         "data.batch_size=32", "schedule.epochs=2", "tracking.log_interval_steps=2", f"precision.dtype={dtype}",
-        f"checkpoint.url={checkpoint_dir}", "checkpoint.interval_steps=6", "checkpoint.keep_last=10", *extra])
+        f"checkpoint.url={checkpoint_dir}", "checkpoint.interval_steps=3", "checkpoint.keep_last=10", *extra])
 
 
 def final(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -39,9 +39,9 @@ def final(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def test_one_process_mixed_precision_resumes_exactly(dtype: str, tmp_path: Path) -> None:
     whole = trainer.run(config(tmp_path / "whole", dtype), single_process_context(), [])
     with pytest.raises(Interrupt):
-        trainer.run(config(tmp_path / "resumed", dtype), single_process_context(), [CrashAt(10)])
+        trainer.run(config(tmp_path / "resumed", dtype), single_process_context(), [CrashAt(6)])
     resumed = trainer.run(config(tmp_path / "resumed", dtype), single_process_context(), [])
-    assert resumed.start_step == 8 and resumed.steps == whole.steps == 16
+    assert resumed.start_step == 4 and resumed.steps == whole.steps == 8
     weights, meta = final(tmp_path / "resumed")
     reference, _ = final(tmp_path / "whole")
     assert all(torch.equal(weights[key], reference[key]) for key in reference)
@@ -49,7 +49,7 @@ def test_one_process_mixed_precision_resumes_exactly(dtype: str, tmp_path: Path)
     assert meta["config"]["precision"]["dtype"] == dtype and resumed.val == whole.val
     assert resumed.val["val_images"] == 32 and 0 <= resumed.val["val_top1"] <= 1
     manager = open_checkpoints(str(tmp_path / "resumed"))
-    scaler = from_bytes(manager.read(16, "train_state.pt"))["scaler"]
+    scaler = from_bytes(manager.read(8, "train_state.pt"))["scaler"]
     # fp16 scales the loss dynamically from 2**16; bf16 keeps a scale of 1, which changes no value.
     assert scaler["scale"] == (65536.0 if dtype == "fp16" else 1.0)
 
@@ -59,8 +59,8 @@ def test_one_process_mixed_precision_resumes_exactly(dtype: str, tmp_path: Path)
 def test_two_ranks_in_bf16_train_checkpoint_resume_and_evaluate(strategy: str, tmp_path: Path) -> None:
     # The shipped ZeRO-1 recipe's combination (DeepSpeed, ZeRO-1, bf16 by torch autocast), shrunk; 2 ranks of
     # 32 make 4 steps an epoch: checkpoints at 4, 6 (interval) and 8.
-    extra = [f"distributed.strategy={strategy}", "distributed.zero_stage=1", "data.batch_size=32",
-             "data.synthetic_images=256", "checkpoint.interval_steps=6"]
+    extra = [f"distributed.strategy={strategy}", "distributed.zero_stage=1", "data.synthetic_images=256",
+             "checkpoint.interval_steps=6"]
     cfg = config(tmp_path, "bf16", *extra)
     assert run_ranks(cfg, crash_at=8) == [None, None]  # the crash comes after step 6's checkpoint
     assert open_checkpoints(str(tmp_path)).latest().step == 6  # type: ignore[union-attr]
