@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
 @command("bench step", "the engine's training step against a bare PyTorch loop, on synthetic device-resident data",
          *config_arguments(),
          arg("--steps", type=int, default=10, help="timed steps per variant per round (default: 10)"),
-         arg("--rounds", type=int, default=9, help="alternating rounds of both variants (default: 9)"),
+         arg("--rounds", type=int, default=15, help="alternating rounds of both variants (default: 15)"),
          JSON_ARGUMENT)
 def bench_step(args: argparse.Namespace) -> None:
     from launch.bench.step import bench_step

@@ -6,6 +6,9 @@ the DataLoader), alternating rounds so that drifting clocks and thermals hit bot
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import torch
 
 
@@ -15,31 +18,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-TRUSTED_SPREAD = 0.10
-"""A variant whose rounds spread wider than this fraction of their median (max - min) is flagged: the
-machine was busy, and ratios against it are not to be trusted."""
+TRUSTED_HALF_WIDTH = 0.05
+"""A median is trusted when its 95% confidence interval lies within this fraction of it on either side."""
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95% confidence interval of the median of `values`: the pair of order statistics
+    that the binomial distribution puts around it (with 7 rounds or fewer, simply the min and the max)."""
+    ordered = sorted(values)
+    count = len(ordered)
+    outside, below = 0, 0.0  # values on each side that may fall outside, and their probability
+    while outside < count and below + math.comb(count, outside) / 2**count <= 0.025:
+        below += math.comb(count, outside) / 2**count
+        outside += 1
+    if outside == 0:
+        return ordered[0], ordered[-1]
+    return ordered[outside - 1], ordered[count - outside]
+
+
+def trusted(values: list[float]) -> bool:
+    """Whether the median of `values` is known to within TRUSTED_HALF_WIDTH (95% confidence)."""
+    low, high = median_interval(values)
+    median = statistics.median(values)
+    return bool(median) and (high - low) / 2 <= TRUSTED_HALF_WIDTH * median
 
 
 def spread(values: list[float]) -> str:
-    """'median (min-max)' of a variant's rounds, with a warning mark when they spread too wide."""
-    import statistics
-
-    mark = " !" if too_wide(values) else ""
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}){mark}"
+    """'median (min-max)' of a variant's rounds."""
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def too_wide(values: list[float]) -> bool:
-    """Whether the rounds spread wider than TRUSTED_SPREAD of their median."""
-    import statistics
-
-    median = statistics.median(values)
-    return bool(median) and (max(values) - min(values)) / median > TRUSTED_SPREAD
-
-
-def spread_warning(variants: dict[str, list[float]]) -> str | None:
-    """A line naming the variants whose rounds spread too wide to trust a ratio, or None."""
-    wide = [name for name, values in variants.items() if too_wide(values)]
-    if not wide:
+def trust_warning(medians: dict[str, list[float]]) -> str | None:
+    """A line naming the measurements whose median is not known to within TRUSTED_HALF_WIDTH, or None."""
+    loose = [name for name, values in medians.items() if not trusted(values)]
+    if not loose:
         return None
-    return (f"! rounds of {', '.join(wide)} spread more than {TRUSTED_SPREAD:.0%} around the median: the machine "
-            "was busy; do not trust ratios from this run")
+    return (f"! the median of {', '.join(loose)} is not known to within {TRUSTED_HALF_WIDTH:.0%} (95% confidence "
+            "over the rounds): the machine was too busy or there were too few rounds; do not trust it")

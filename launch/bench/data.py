@@ -16,7 +16,7 @@ import torch
 
 from configs.schema import DataConfig
 
-from launch.bench import spread, spread_warning, synchronize
+from launch.bench import median_interval, spread, synchronize, trust_warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +42,14 @@ class DataBench:
     loader_wall_ms_per_batch: dict[str, list[float]]
     """Variant -> wall time the calling thread spent inside the loader per batch (work plus waiting)."""
 
+    def round_ratios(self, variant: str) -> list[float]:
+        """Images/s of `variant` over the baseline's, round by round (they ran back to back)."""
+        return [mine / baseline for mine, baseline in zip(self.images_per_s[variant], self.images_per_s["torch"],
+                                                          strict=True)]
+
     def ratio(self, variant: str) -> float:
-        """Median images/s of `variant` over the baseline's."""
-        return statistics.median(self.images_per_s[variant]) / statistics.median(self.images_per_s["torch"])
+        """The median of the rounds' ratios to the baseline."""
+        return statistics.median(self.round_ratios(variant))
 
     def as_json(self) -> str:
         """One machine-readable line."""
@@ -57,13 +62,18 @@ class DataBench:
         rows = [f"bench data: {self.num_images} images ({self.source}) -> {self.image_size}px {self.dtype}, "
                 f"batch {self.batch_size}, {self.num_workers} workers/threads, {self.reader_threads} DALI reader "
                 f"threads, training crops, {len(self.images_per_s['torch'])} rounds",
-                f"{'loader':<16} {'images/s':>24} {'/ torch':>8} {'training thread in loader, ms/batch':>38}",
-                f"{'':<16} {'':>24} {'':>8} {'CPU':>18} {'wall':>19}"]
+                f"{'loader':<16} {'images/s':>22} {'/ torch (95% interval)':>24} "
+                f"{'training thread in loader, ms/batch':>38}",
+                f"{'':<16} {'':>22} {'':>24} {'CPU':>18} {'wall':>19}"]
         for variant, values in self.images_per_s.items():
-            rows.append(f"{variant:<16} {spread(values):>24} {self.ratio(variant):>8.2f} "
+            low, high = median_interval(self.round_ratios(variant))
+            ratio = f"{self.ratio(variant):.2f} ({low:.2f}-{high:.2f})"
+            rows.append(f"{variant:<16} {spread(values):>22} {ratio:>24} "
                         f"{spread(self.loader_cpu_ms_per_batch[variant]):>18} "
                         f"{spread(self.loader_wall_ms_per_batch[variant]):>19}")
-        if (warning := spread_warning(self.images_per_s)) is not None:
+        ratios = {f"{variant} / torch": self.round_ratios(variant) for variant in self.images_per_s
+                  if variant != "torch"}
+        if (warning := trust_warning(ratios)) is not None:
             rows.append(warning)
         return "\n".join(rows)
 

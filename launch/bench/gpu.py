@@ -30,7 +30,7 @@ import torch
 from configs.errors import ConfigError
 from configs.loader import load_config
 from configs.schema import RunConfig
-from launch.bench import spread, spread_warning, synchronize
+from launch.bench import spread, synchronize, trust_warning
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,7 +127,7 @@ class GpuBench:
                 lines.append("  ".join(f"{cell:>{width}}" if i else f"{cell:<{width}}"
                                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))))
         rounds = {row.name: row.images_per_s for row in self.rows if row.images_per_s}
-        if (warning := spread_warning(rounds)) is not None:
+        if (warning := trust_warning(rounds)) is not None:
             lines.append(warning)
         return "\n".join(lines)
 

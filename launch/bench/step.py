@@ -20,7 +20,7 @@ from torch import nn
 
 from configs.schema import RunConfig
 
-from launch.bench import spread, spread_warning, synchronize
+from launch.bench import median_interval, spread, synchronize, trust_warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +39,15 @@ class StepBench:
     training_gflops_per_image: float
 
     @property
+    def round_ratios(self) -> list[float]:
+        """Engine over bare images/s of each round: the two ran back to back, so a machine that drifts
+        slower or faster during the benchmark moves both alike."""
+        return [engine / bare for engine, bare in zip(self.engine_images_per_s, self.bare_images_per_s, strict=True)]
+
+    @property
     def engine_over_bare(self) -> float:
-        """Median engine images/s over median bare images/s."""
-        return statistics.median(self.engine_images_per_s) / statistics.median(self.bare_images_per_s)
+        """The median of the rounds' ratios."""
+        return statistics.median(self.round_ratios)
 
     def as_json(self) -> str:
         """One machine-readable line."""
@@ -58,8 +64,10 @@ class StepBench:
         for name, values in variants.items():
             gflops = statistics.median(values) * self.training_gflops_per_image
             rows.append(f"{name:<8} {spread(values):>30} {gflops:>10.1f}")
-        rows.append(f"engine / bare: {self.engine_over_bare:.3f}")
-        if (warning := spread_warning(variants)) is not None:
+        low, high = median_interval(self.round_ratios)
+        rows.append(f"engine / bare: {self.engine_over_bare:.3f} (median of the rounds' ratios; 95% interval "
+                    f"{low:.3f}-{high:.3f})")
+        if (warning := trust_warning({"engine / bare": self.round_ratios})) is not None:
             rows.append(warning)
         return "\n".join(rows)
 

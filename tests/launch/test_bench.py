@@ -20,8 +20,8 @@ def test_bench_step_json_line_holds_both_variants_and_their_ratio(capsys: pytest
         "resnet18", 16, 4, "fp32")
     assert len(record["bare_images_per_s"]) == len(record["engine_images_per_s"]) == 2
     assert all(v > 0 for v in record["bare_images_per_s"] + record["engine_images_per_s"])
-    assert record["engine_over_bare"] == pytest.approx(
-        statistics.median(record["engine_images_per_s"]) / statistics.median(record["bare_images_per_s"]))
+    assert record["engine_over_bare"] == pytest.approx(statistics.median(
+        [e / b for e, b in zip(record["engine_images_per_s"], record["bare_images_per_s"], strict=True)]))
 
 
 def test_bench_step_table_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,8 +42,8 @@ def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytes
     for timings in (record["images_per_s"], record["loader_cpu_ms_per_batch"], record["loader_wall_ms_per_batch"]):
         assert all(len(values) == 2 and min(values) > 0 for values in timings.values())
     assert record["reader_threads"] == 2
-    assert record["over_torch"]["dali-cpu"] == pytest.approx(
-        statistics.median(record["images_per_s"]["dali-cpu"]) / statistics.median(record["images_per_s"]["torch"]))
+    assert record["over_torch"]["dali-cpu"] == pytest.approx(statistics.median(
+        [d / t for d, t in zip(record["images_per_s"]["dali-cpu"], record["images_per_s"]["torch"], strict=True)]))
     assert main(["bench", "data", "--rounds", "0"]) == 2
 
 
@@ -105,3 +105,13 @@ def test_bench_gpu_mfu_is_training_flops_over_the_peak() -> None:
     assert row.mfu == pytest.approx(3000 * training_flops_per_image(resnet50(), 224) / 989.4e12)
     assert with_mfu(Row("DALI mixed alone (decode ceiling)", [9000.0]), settings, "NVIDIA H200").mfu is None
     assert with_mfu(Row("engine, synthetic", [3000.0]), settings, "cpu").mfu is None
+
+
+def test_the_median_interval_follows_the_binomial_order_statistics() -> None:
+    from launch.bench import median_interval, trusted
+
+    values = [float(v) for v in range(1, 16)]  # 15 rounds: the 4th and the 12th value bound the median
+    assert median_interval(values) == (4.0, 12.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few rounds for more than min and max
+    assert trusted([100.0 + i % 3 for i in range(15)])  # 100-102 around a median of 101
+    assert not trusted([100.0, 130.0, 80.0, 120.0, 90.0, 110.0, 70.0])  # negative control: a busy machine
