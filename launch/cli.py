@@ -117,7 +117,7 @@ def bench_step(args: argparse.Namespace) -> None:
          arg("--reader-threads", type=int, default=DataConfig().reader_threads,
              help=f"DALI reader threads (default: {DataConfig().reader_threads})"),
          arg("--image-size", type=int, default=224, help="crop side in pixels (default: 224)"),
-         arg("--rounds", type=int, default=7, help="timed epochs per loader, interleaved (default: 7)"),
+         arg("--rounds", type=int, default=15, help="timed epochs per loader, interleaved (default: 15)"),
          JSON_ARGUMENT)
 def bench_data(args: argparse.Namespace) -> None:
     from launch.bench.data import bench_data_command
