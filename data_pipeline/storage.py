@@ -63,6 +63,10 @@ class Storage(Protocol):
         """Delete a file or a folder with everything under it; nothing happens if it is absent."""
         ...
 
+    def move(self, path: str, new_path: str) -> None:
+        """Move a file or a folder with everything under it (a copy and a delete on object stores)."""
+        ...
+
 
 class FsspecStorage:
     """`Storage` over any fsspec file system."""
@@ -109,6 +113,9 @@ class FsspecStorage:
         full = self._full(path)
         if self.fs.exists(full):
             self.fs.rm(full, recursive=True)
+
+    def move(self, path: str, new_path: str) -> None:
+        self.fs.mv(self._full(path), self._full(new_path), recursive=True)
 
 
 def is_remote(url: str) -> bool:

@@ -1,23 +1,31 @@
 """Checkpoints that are either complete or invisible: one folder per step, data files first, manifest last.
 
-Layout under the checkpoint URL: `step_000001234/<files>` and `step_000001234/manifest.json`. The
-manifest lists every file with its size and is written last, so a reader trusts a step only when the
-manifest exists, parses and matches the files: a crash mid-write leaves the previous step as the latest.
-A committed step is never written again (object stores have no atomic rename to protect it). Only the
-newest `keep_last` steps and the best one by validation top-1 are kept.
+Layout under the checkpoint URL: `step_000001234/<files>` and `step_000001234/manifest.json`. Each
+writer (every rank) reports what it wrote: name, size and SHA-256 of each file. One process then writes
+the manifest from all the reports, last, so a reader trusts a step only when the manifest exists, parses
+and every file it lists is there at its size: a crash mid-write leaves the previous step as the latest,
+and a stale listing of a shared file system cannot commit a step without another rank's file. Loading
+checks each file's hash (`verify`). A committed step is never written again (object stores have no
+atomic rename to protect it). Only the newest `keep_last` steps and the best one by validation top-1
+are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline.storage import TEMPORARY_MARK, Storage, open_storage
+from configs.errors import UserError
+from data_pipeline.storage import Storage, open_storage
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: files with size and SHA-256. Manifests of format 1 (sizes only) are still read; their files have no
+hash to check."""
 STEP_FOLDER = re.compile(r"^step_(?P<step>\d+)$")
 """The name of one step's folder; `step_folder` writes it."""
 
@@ -33,14 +41,33 @@ def open_checkpoints(url: str, *, keep_last: int = 1) -> CheckpointManager:
     return CheckpointManager(open_storage(url), keep_last=keep_last)
 
 
+class CheckpointCorrupt(UserError):
+    """A committed step has a file that fails its check; the message names the file and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """What a writer reports of one file it wrote."""
+
+    size: int
+    """Bytes."""
+    sha256: str | None
+    """Hex digest (None in a manifest of format 1)."""
+
+    @classmethod
+    def of(cls, data: bytes) -> FileRecord:
+        """The record of `data`."""
+        return cls(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """What a committed checkpoint holds."""
 
     step: int
     """Optimiser steps taken when it was written."""
-    files: dict[str, int]
-    """File name -> size in bytes, for every data file of the step."""
+    files: dict[str, FileRecord]
+    """File name -> its size and hash, for every data file of the step (from every writer)."""
     meta: dict[str, Any]
     """JSON facts written by the trainer (epoch, metrics, architecture, ...)."""
 
@@ -56,29 +83,28 @@ class CheckpointManager:
         """Where `step` lives."""
         return f"{self.storage.url.rstrip('/')}/{step_folder(step)}"
 
-    def write(self, step: int, files: dict[str, bytes]) -> None:
-        """Write data files of `step` (every rank writes its own); nothing is visible until `commit`."""
+    def write(self, step: int, files: dict[str, bytes]) -> dict[str, FileRecord]:
+        """Write data files of `step` (every rank writes its own) and return what was written, for `commit`;
+        nothing is visible until then."""
         if self.manifest(step) is not None:
             raise FileExistsError(f"checkpoint {self.url(step)} is already committed; a step is never overwritten")
         for name, data in files.items():
             self.storage.write_bytes(f"{step_folder(step)}/{name}", data)
+        return {name: FileRecord.of(data) for name, data in files.items()}
 
-    def commit(self, step: int, meta: dict[str, Any]) -> Manifest:
-        """Make `step` visible: list its files with their sizes in the manifest, then prune old steps.
-        Call once, on one process, after every writer has finished."""
-        folder = step_folder(step)
-        names = [name for name in self.storage.list(folder) if name != MANIFEST and TEMPORARY_MARK not in name]
-        files = {name: self.storage.size(f"{folder}/{name}") or 0 for name in names}
-        manifest = Manifest(step=step, files=files, meta=meta)
-        record = {"format": FORMAT_VERSION, "step": step, "files": files, "meta": meta}
-        self.storage.write_bytes(f"{folder}/{MANIFEST}", json.dumps(record, indent=1).encode())
+    def commit(self, step: int, meta: dict[str, Any], files: dict[str, FileRecord]) -> Manifest:
+        """Make `step` visible: write its manifest from `files` (what every writer reported), then prune old
+        steps. Call once, on one process, after every writer has finished."""
+        manifest = Manifest(step=step, files=dict(sorted(files.items())), meta=meta)
+        record = {"format": FORMAT_VERSION, "step": step, "meta": meta,
+                  "files": {name: {"size": f.size, "sha256": f.sha256} for name, f in manifest.files.items()}}
+        self.storage.write_bytes(f"{step_folder(step)}/{MANIFEST}", json.dumps(record, indent=1).encode())
         self.prune()
         return manifest
 
     def save(self, step: int, files: dict[str, bytes], meta: dict[str, Any]) -> Manifest:
         """`write` then `commit`, for a single writer."""
-        self.write(step, files)
-        return self.commit(step, meta)
+        return self.commit(step, meta, self.write(step, files))
 
     def manifest(self, step: int) -> Manifest | None:
         """The manifest of `step` if it is complete and every file it lists is there at its size, else None."""
@@ -87,10 +113,11 @@ class CheckpointManager:
             record = json.loads(self.storage.read_bytes(f"{folder}/{MANIFEST}"))
         except (FileNotFoundError, ValueError):
             return None
-        if record.get("format") != FORMAT_VERSION or record.get("step") != step:
+        if record.get("format") not in (1, FORMAT_VERSION) or record.get("step") != step:
             return None
-        files = record["files"]
-        if any(self.storage.size(f"{folder}/{name}") != size for name, size in files.items()):
+        files = {name: FileRecord(size=entry, sha256=None) if isinstance(entry, int) else
+                 FileRecord(size=entry["size"], sha256=entry["sha256"]) for name, entry in record["files"].items()}
+        if any(self.storage.size(f"{folder}/{name}") != file.size for name, file in files.items()):
             return None
         return Manifest(step=step, files=files, meta=record["meta"])
 
@@ -109,9 +136,29 @@ class CheckpointManager:
                 return manifest
         return None
 
-    def read(self, step: int, name: str) -> bytes:
-        """One data file of a committed step."""
-        return self.storage.read_bytes(f"{step_folder(step)}/{name}")
+    def read(self, step: int, name: str, *, expected: FileRecord | None = None) -> bytes:
+        """One data file of a committed step; with `expected` (its manifest record) checked against its size
+        and hash (`CheckpointCorrupt` names the file)."""
+        data = self.storage.read_bytes(f"{step_folder(step)}/{name}")
+        if expected is not None:
+            if len(data) != expected.size:
+                raise CheckpointCorrupt(f"{self.url(step)}/{name}: {len(data)} bytes, the manifest says "
+                                        f"{expected.size}")
+            if expected.sha256 is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
+                raise CheckpointCorrupt(f"{self.url(step)}/{name}: its content does not match the SHA-256 in the "
+                                        "manifest (changed after it was committed)")
+        return data
+
+    def set_aside(self, step: int) -> str:
+        """Move committed step `step` out of the way (a damaged one, which the run will write again) to
+        `step_<n>.damaged-<time>`, which no reader or pruning looks at; return where it went."""
+        aside = f"{step_folder(step)}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        self.storage.move(step_folder(step), aside)
+        return f"{self.storage.url.rstrip('/')}/{aside}"
+
+    def read_verified(self, manifest: Manifest, name: str) -> bytes:
+        """A file of `manifest`'s step, checked against its record there."""
+        return self.read(manifest.step, name, expected=manifest.files[name])
 
     def prune(self) -> None:
         """Keep the newest `keep_last` committed steps and the best by meta['val_top1']; delete the rest,

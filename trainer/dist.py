@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,15 @@ def broadcast_buffers(module: nn.Module) -> None:
     if is_distributed():
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+
+def gather_objects(obj: T) -> list[T]:
+    """`obj` of every rank, in rank order (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:

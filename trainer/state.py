@@ -22,8 +22,8 @@ import torch
 from configs.errors import IncompatibleSettings
 from configs.loader import config_to_dict
 from configs.schema import RunConfig
-from trainer.checkpoint import CheckpointManager, Manifest
-from trainer.dist import DistContext, barrier
+from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, Manifest
+from trainer.dist import DistContext, all_reduce_max, barrier, gather_objects
 from trainer.ema import Ema
 from trainer.metrics import MetricSink
 from trainer.serialize import from_bytes, to_bytes
@@ -101,27 +101,50 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: E
         files["model.pt"] = to_bytes(strategy.unwrapped().state_dict())
         if ema is not None:
             files["ema.pt"] = to_bytes(ema.state_dict())
-    manager.write(step, files)
-    barrier()
+    written = manager.write(step, files)
+    # Every rank's report reaches rank 0 once all have written: the manifest lists what was written, not
+    # what a listing of the folder shows (stale on some shared file systems).
+    reports = gather_objects(written)
     if ctx.is_primary:
-        manager.commit(step, meta)
+        manager.commit(step, meta, {name: record for report in reports for name, record in report.items()})
     barrier()
+
+
+def verify_step(manager: CheckpointManager, manifest: Manifest, strategy: Strategy) -> str | None:
+    """Why committed step `manifest` cannot be loaded (a file whose size or hash differs from the manifest,
+    or that holds more than weights and plain data), or None when every file checks out."""
+    for name in manifest.files:
+        try:
+            strategy.check_file(name, manager.read_verified(manifest, name))
+        except CheckpointCorrupt as error:
+            return str(error)
+        except Exception as error:  # the unpickler raises several types; all mean "not plain weights"
+            return f"{manager.url(manifest.step)}/{name}: does not load as weights only ({_unpickler_reason(error)})"
+    return None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was found (its message is a page long)."""
+    text = str(error)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    reason = rest.strip().split("\n\n")[0] if found else text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {' '.join(reason.split())}"
 
 
 def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strategy, ema: Ema | None,
                ctx: DistContext) -> None:
     """Restore model, EMA, optimizer, scaler and this rank's generators from a committed step."""
     step = manifest.step
-    strategy.unwrapped().load_state_dict(from_bytes(manager.read(step, "model.pt")))
-    strategy.load_files(sorted(manifest.files), lambda name: manager.read(step, name))
+    strategy.unwrapped().load_state_dict(from_bytes(manager.read_verified(manifest, "model.pt")))
+    strategy.load_files(sorted(manifest.files), lambda name: manager.read_verified(manifest, name))
     if ema is not None:
         if "ema.pt" in manifest.files:
-            ema.load_state_dict(from_bytes(manager.read(step, "ema.pt")))
+            ema.load_state_dict(from_bytes(manager.read_verified(manifest, "ema.pt")))
         else:
             # Turning the average on for a run that had it off: start it from the current weights.
             ema.reset(strategy.unwrapped())
     if manifest.meta["world_size"] == ctx.world_size:
-        restore_rng(from_bytes(manager.read(step, f"rank_{ctx.rank}.pt"))["rng"])
+        restore_rng(from_bytes(manager.read_verified(manifest, f"rank_{ctx.rank}.pt"))["rng"])
     elif ctx.is_primary:
         # Data order and augmentation depend only on (seed, epoch, step), so the run stays exact for the
         # training itself; only generators that other code may draw from start afresh.
@@ -154,14 +177,34 @@ class Checkpointer:
     """On the primary process: more facts for each manifest at the moment it is written."""
 
     def resume(self) -> tuple[int, dict[str, float]]:
-        """Load the newest committed step if there is one (refusing one that does not fit this run); return
-        the step to continue from (0 for a fresh run) and the validation scores saved with it."""
-        if self.manager is None or (manifest := self.manager.latest()) is None:
+        """Load the newest good committed step if there is one (refusing one that does not fit this run);
+        return the step to continue from (0 for a fresh run) and the validation scores saved with it. A step
+        whose files fail their check (hash, weights-only load) is reported and the one before it is tried;
+        all ranks agree on the step. None loading at all is an error: nothing is overwritten then."""
+        if self.manager is None:
             return 0, {}
-        check_compatible(manifest, self.manager.url(manifest.step), self.cfg,
-                         global_batch_size=self.global_batch_size)
-        load_state(self.manager, manifest, self.strategy, self.ema, self.ctx)
-        return manifest.step, {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
+        committed = self.manager.committed()
+        problems = []
+        for manifest in reversed(committed):
+            check_compatible(manifest, self.manager.url(manifest.step), self.cfg,
+                             global_batch_size=self.global_batch_size)
+            problem = verify_step(self.manager, manifest, self.strategy)
+            failed = torch.tensor(float(problem is not None), device=self.ctx.device)
+            if not all_reduce_max(failed).item():
+                load_state(self.manager, manifest, self.strategy, self.ema, self.ctx)
+                return manifest.step, {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
+            problem = problem or "another rank found a file of this step damaged"
+            problems.append(problem)
+            if self.ctx.is_primary:
+                # The run will reach this step again and write it anew: keep the damaged one beside it.
+                aside = self.manager.set_aside(manifest.step)
+                print(f"checkpoint {self.manager.url(manifest.step)} is not used: {problem}; it was moved to "
+                      f"{aside}, trying the committed step before it", flush=True)
+            barrier()
+        if problems:
+            raise CheckpointCorrupt(f"no committed checkpoint under {self.manager.storage.url} loads: "
+                                    + "; ".join(problems))
+        return 0, {}
 
     def save(self, step: int, val: dict[str, float] | None = None) -> None:
         """Write and commit checkpoint `step` on every rank (with `val`, the epoch's scores, when it ends one)."""

@@ -58,7 +58,7 @@ def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
                                     "a step_<n> folder in it, or models:/NAME@ALIAS)")
     cfg = config_from_dict(manifest.meta["config"], f"{manager.url(manifest.step)}/manifest.json")
     network = build_model(cfg.model)
-    network.load_state_dict(from_bytes(manager.read(manifest.step, "model.pt")))
+    network.load_state_dict(from_bytes(manager.read_verified(manifest, "model.pt")))
     return Trained(network.eval(), cfg, manager.url(manifest.step), manifest.meta)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.storage import open_storage
-from trainer.checkpoint import CheckpointManager, open_checkpoints, step_folder
+from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, FileRecord, open_checkpoints, step_folder
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -22,7 +24,8 @@ def test_save_and_read_back(manager: CheckpointManager) -> None:
     manager.save(10, {"model.pt": b"weights", "rank_0.pt": b"rng"}, {"epoch": 1})
     latest = manager.latest()
     assert latest is not None and latest.step == 10 and latest.meta == {"epoch": 1}
-    assert latest.files == {"model.pt": 7, "rank_0.pt": 3}
+    assert latest.files == {"model.pt": FileRecord.of(b"weights"), "rank_0.pt": FileRecord.of(b"rng")}
+    assert latest.files["model.pt"] == FileRecord(size=7, sha256=hashlib.sha256(b"weights").hexdigest())
     assert manager.read(10, "model.pt") == b"weights"
 
 
@@ -92,3 +95,33 @@ def test_file_url_and_plain_path_reach_the_same_files(tmp_path: Path) -> None:
     open_storage(str(tmp_path)).write_bytes("x/y.txt", b"hello")
     assert open_storage(f"file://{tmp_path}").read_bytes("x/y.txt") == b"hello"
     assert open_storage(f"file://{tmp_path}").list("x") == ["y.txt"]
+
+
+def test_the_manifest_lists_what_the_writers_reported_not_what_a_listing_shows(manager: CheckpointManager) -> None:
+    # Two ranks write their own files; rank 0 commits from both reports. A file in the folder that no rank
+    # reported (a stale leftover) is not listed, and a reported file that is missing makes the step untrusted.
+    rank0 = manager.write(10, {"model.pt": b"weights", "rank_0.pt": b"a"})
+    rank1 = manager.write(10, {"rank_1.pt": b"bb"})
+    manager.storage.write_bytes(f"{step_folder(10)}/stray.pt", b"left over")
+    manifest = manager.commit(10, {}, {**rank0, **rank1})
+    assert set(manifest.files) == {"model.pt", "rank_0.pt", "rank_1.pt"}
+    assert manager.latest() == manifest
+    manager.storage.remove(f"{step_folder(10)}/rank_1.pt")  # as a stale listing would have missed it
+    assert manager.latest() is None
+
+
+def test_a_flipped_byte_of_the_same_size_fails_the_hash(manager: CheckpointManager) -> None:
+    manifest = manager.save(10, {"model.pt": b"weights"}, {})
+    manager.storage.write_bytes(f"{step_folder(10)}/model.pt", b"weighTs")  # same size: the listing trusts it
+    assert manager.latest() == manifest
+    with pytest.raises(CheckpointCorrupt, match=r"step_000000010/model.pt: its content does not match the SHA-256"):
+        manager.read_verified(manifest, "model.pt")
+
+
+def test_a_manifest_of_format_1_is_still_read(manager: CheckpointManager) -> None:
+    manager.storage.write_bytes(f"{step_folder(5)}/model.pt", b"old")
+    manager.storage.write_bytes(f"{step_folder(5)}/manifest.json",
+                                json.dumps({"format": 1, "step": 5, "files": {"model.pt": 3}, "meta": {}}).encode())
+    manifest = manager.latest()
+    assert manifest is not None and manifest.files == {"model.pt": FileRecord(size=3, sha256=None)}
+    assert manager.read_verified(manifest, "model.pt") == b"old"

@@ -12,7 +12,7 @@ import torch
 
 from configs import IncompatibleSettings, RunConfig, load_config
 from tests.multiproc import run_ranks
-from trainer.checkpoint import open_checkpoints, step_folder
+from trainer.checkpoint import FileRecord, open_checkpoints, step_folder
 from trainer.dist import single_process_context
 from trainer.state import from_bytes
 
@@ -116,7 +116,8 @@ def test_negative_control_zero_resume_without_optimizer_state_differs(digits_roo
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (folder / name).write_bytes(buffer.getvalue())
-        manifest["files"][name] = len(buffer.getvalue())  # keep step 28 committed
+        record = FileRecord.of(buffer.getvalue())  # keep step 28 committed and its hashes right
+        manifest["files"][name] = {"size": record.size, "sha256": record.sha256}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     resumed_result = run_ranks(config(digits_root, tmp_path / "resumed", *extra))
     assert resumed_result[0].start_step == 28

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ import trainer
 import trainer.state
 from configs import IncompatibleSettings, RunConfig, load_config
 from tests.multiproc import CrashAt, Interrupt
-from trainer.checkpoint import open_checkpoints
+from trainer.checkpoint import CheckpointCorrupt, FileRecord, open_checkpoints, step_folder
 from trainer.dist import single_process_context
 from trainer.state import from_bytes, load_state
 
@@ -175,3 +179,60 @@ def test_every_generator_continues_where_the_checkpoint_left_it(digits_root: Pat
     after_resume = {step: draws for step, draws in whole.draws.items() if step > 28}
     assert set(resumed.draws) == set(after_resume) == {30, 40, 42, 44}
     assert (resumed.draws == after_resume) is restore
+
+
+def damaged_copy(finished: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    assert [m.step for m in open_checkpoints(str(copy)).committed()] == [14, 22]
+    return copy
+
+
+def recommit(folder: Path, name: str, data: bytes) -> None:
+    """Replace a committed file and its manifest record, as a writer with access to both could."""
+    (folder / name).write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    record = FileRecord.of(data)
+    manifest["files"][name] = {"size": record.size, "sha256": record.sha256}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["none (negative control)", "flipped bytes", "unsafe pickle"])
+def test_a_damaged_newest_step_is_reported_and_the_one_before_it_resumes(
+        digits_root: Path, finished: tuple[Path, trainer.TrainResult], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    copy = damaged_copy(finished[0], tmp_path)
+    newest = copy / step_folder(22) / "model.pt"
+    if damage == "flipped bytes":
+        data = bytearray(newest.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])  # same size
+        newest.write_bytes(bytes(data))
+    elif damage == "unsafe pickle":
+        buffer = io.BytesIO()
+        torch.save({"conv1.weight": os.system}, buffer)  # a reference to code: weights-only loading refuses it
+        recommit(copy / step_folder(22), "model.pt", buffer.getvalue())
+    result = trainer.run(config(digits_root, copy, "schedule.epochs=1"), single_process_context(), [])
+    out = capsys.readouterr().out
+    if damage.startswith("none"):
+        assert result.start_step == 22 and "is not used" not in out
+        return
+    reason = "its content does not match the SHA-256" if damage == "flipped bytes" else "does not load as weights only"
+    assert f"checkpoint {copy / step_folder(22)} is not used: {newest}: {reason}" in out
+    assert result.start_step == 14 and result.steps == 22
+    # The damaged step was kept aside, and the run wrote step 22 anew.
+    assert len(list(copy.glob(f"{step_folder(22)}.damaged-*/model.pt"))) == 1
+    assert [m.step for m in open_checkpoints(str(copy)).committed()] == [14, 22]
+
+
+def test_when_no_committed_step_loads_the_run_stops_and_names_them(
+        digits_root: Path, finished: tuple[Path, trainer.TrainResult], tmp_path: Path) -> None:
+    copy = damaged_copy(finished[0], tmp_path)
+    for step in (14, 22):
+        recommit(copy / step_folder(step), "train_state.pt", b"not a checkpoint")
+    with pytest.raises(CheckpointCorrupt, match=r"no committed checkpoint under .* loads: .*step_000000022/"
+                                                r"train_state.pt.*step_000000014/train_state.pt"):
+        trainer.run(config(digits_root, copy, "schedule.epochs=1"), single_process_context(), [])
+    # Nothing was deleted or overwritten: both steps are kept aside for a person to look at.
+    assert open_checkpoints(str(copy)).committed() == []
+    assert len(list(copy.glob("step_*.damaged-*/train_state.pt"))) == 2

@@ -50,6 +50,10 @@ class Strategy(Protocol):
         Called on every rank."""
         ...
 
+    def check_file(self, name: str, data: bytes) -> None:
+        """Raise if the checkpoint file `name` holds anything but weights and plain data (before any loading)."""
+        ...
+
     def load_files(self, names: list[str], read: Callable[[str], bytes]) -> None:
         """Restore from a committed checkpoint: `names` lists all its files, `read(name)` returns one."""
         ...

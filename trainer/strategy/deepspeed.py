@@ -34,6 +34,7 @@ from configs.extras import import_extra
 from configs.loader import ConfigError
 from configs.schema import DistributedConfig
 from trainer.dist import DistContext, all_reduce_max, broadcast_buffers
+from trainer.serialize import from_bytes
 from trainer.optim import zero_momentum_buffers
 
 PREFIX = "deepspeed."
@@ -129,6 +130,12 @@ class DeepSpeedStrategy:
             self.engine.save_checkpoint(folder, tag=TAG, save_latest=False)
             tag_folder = Path(folder, TAG)
             return {f"{PREFIX}{path.name}": path.read_bytes() for path in sorted(tag_folder.iterdir())}
+
+    def check_file(self, name: str, data: bytes) -> None:
+        if name.startswith(PREFIX):
+            check_weights_only(name, data)
+        else:
+            from_bytes(data)
 
     def load_files(self, names: list[str], read: Callable[[str], bytes]) -> None:
         engine_files = [name for name in names if name.startswith(PREFIX)]

@@ -53,6 +53,9 @@ class SingleStrategy:
             return {}
         return {TRAIN_STATE: to_bytes({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()})}
 
+    def check_file(self, name: str, data: bytes) -> None:
+        from_bytes(data)
+
     def load_files(self, names: list[str], read: Callable[[str], bytes]) -> None:
         if TRAIN_STATE not in names:
             raise ValueError(f"the checkpoint has no {TRAIN_STATE} (its files: {', '.join(names)}): it was written "
