@@ -88,8 +88,10 @@ class Learner:
     """Micro-batches per optimiser step."""
 
     def running_stats(self) -> list[torch.Tensor]:
-        """The model's floating buffers: its BatchNorm running averages."""
-        return [buffer for buffer in self.strategy.unwrapped().buffers() if buffer.is_floating_point()]
+        """The floating buffers of the model and of its weight average: their BatchNorm running averages, which
+        a skipped (non-finite) step still moves, and which the meter rolls back."""
+        modules = [self.strategy.unwrapped(), *([self.ema.module] if self.ema is not None else [])]
+        return [buffer for module in modules for buffer in module.buffers() if buffer.is_floating_point()]
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""

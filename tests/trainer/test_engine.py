@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,8 @@ def test_a_batch_larger_than_the_training_set_is_an_error(digits_root: Path, tmp
         trainer.run(cfg, single_process_context(), [])
 
 
-def test_a_non_finite_step_is_skipped_and_counted(digits_root: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def poison_the_first_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first training sample ever decoded turns into NaNs: exactly one step sees a NaN loss."""
     import data_pipeline.torch_loader as torch_loader
 
     first_index = {}
@@ -113,12 +114,16 @@ def test_a_non_finite_step_is_skipped_and_counted(digits_root: Path, tmp_path: P
 
     def poisoned(self, key):  # noqa: ANN001, ANN202
         image, label = original(self, key)
-        # The first training sample ever decoded turns into NaNs: exactly one step sees a NaN loss.
         if self.train and not first_index and image.shape[0] == 16:
             first_index["key"] = key
         return (image * float("nan"), label) if first_index.get("key") == key else (image, label)
 
     monkeypatch.setattr(torch_loader.ImageDataset, "__getitem__", poisoned)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(digits_root: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_the_first_sample(monkeypatch)
     sink = RecordingSink()
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.loader=torch"])
     result = trainer.run(cfg, single_process_context(), [sink])
@@ -153,3 +158,21 @@ def test_a_compiled_model_trains_and_saves_torchvision_names(digits_root: Path, 
     manager = open_checkpoints(str(tmp_path / "checkpoints"), keep_last=1)
     weights = from_bytes(manager.read(22, "model.pt"))
     assert "conv1.weight" in weights and not any(key.startswith("_orig_mod") for key in weights)
+
+
+@pytest.mark.parametrize("rolled_back", [True, False], ids=["ema-rolled-back", "negative-control-model-only"])
+def test_a_non_finite_step_leaves_the_weight_average_finite(digits_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, rolled_back: bool) -> None:
+    import trainer.loop
+
+    poison_the_first_sample(monkeypatch)
+    if not rolled_back:  # what the meter did before: roll back only the model's BatchNorm statistics
+        monkeypatch.setattr(trainer.loop.Learner, "running_stats", lambda self: [
+            b for b in self.strategy.unwrapped().buffers() if b.is_floating_point()])
+    sink = RecordingSink()
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.loader=torch",
+                                     "optim.ema_decay=0.9"])
+    result = trainer.run(cfg, single_process_context(), [sink])
+    assert [m["nonfinite_losses"] for _, m in sink.reports if "loss" in m][0] == 1.0  # the fault happened
+    assert math.isfinite(result.val["val_loss"])
+    assert math.isfinite(result.val["ema_val_loss"]) is rolled_back
