@@ -19,6 +19,20 @@ CONFIG_DIR = Path(__file__).resolve().parent
 """Where the shipped recipes live; `--config NAME` looks here when NAME is not a path."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path as given if it exists, else the shipped recipe `configs/<name>.yaml`."""
     path = Path(name_or_path)
@@ -38,7 +52,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = resolve_config_path(path)
         source = str(path)
         try:
-            document = yaml.safe_load(path.read_text())
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{source}: not valid YAML: {error}") from None
         if document is not None and not isinstance(document, Mapping):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import torch
@@ -82,13 +83,20 @@ def _worker(rank: int, world_size: int, port: int, cfg: RunConfig, crash_at: int
 
 
 def run_ranks(cfg: RunConfig, world_size: int = 2, crash_at: int | None = None,
-              sigterm: tuple[int, int] | None = None) -> list[Any]:
+              sigterm: tuple[int, int] | None = None, timeout_s: float = 600) -> list[Any]:
     """The `TrainResult` of every rank in rank order (None for ranks stopped by `crash_at`, the message for
     ranks stopped by preemption after `sigterm=(rank, step)` sent SIGTERM to that rank at that step's
-    report); raises if a rank failed otherwise."""
+    report); raises if a rank failed otherwise, and `TimeoutError` (after killing them all) if the ranks
+    have not all finished in `timeout_s`: a rank that died or hangs cannot hang the suite."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_worker, args=(world_size, free_port(), cfg, crash_at, sigterm, results), nprocs=world_size,
-                       start_method="spawn", join=True)
+    processes = mp.start_processes(_worker, args=(world_size, free_port(), cfg, crash_at, sigterm, results),
+                                   nprocs=world_size, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout_s
+    while not processes.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in processes.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s; killed")
     by_rank = dict(results.get() for _ in range(world_size))
     return [by_rank[rank] for rank in range(world_size)]

@@ -56,6 +56,15 @@ class ConsoleSink:
         print(f"step {step} | checkpoint {url}", file=self.stream or sys.stdout, flush=True)
 
 
+def _parse(line: str) -> dict[str, float] | None:
+    """One line of metrics.jsonl, or None for a blank or torn one (a process killed mid-write)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
 def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -73,7 +82,7 @@ class JsonLinesSink:
         self.path = path
         if path.is_file():
             kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if (record := _parse(line)) is not None and record["step"] <= resume_step]
             atomic_write(path, "".join(kept))
 
     def log(self, metrics: dict[str, float], step: int) -> None:

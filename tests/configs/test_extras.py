@@ -33,7 +33,7 @@ def test_core_packages_import_without_any_heavy_dependency() -> None:
         "import configs, data_pipeline, trainer, launch.cli, launch.orchestration.local\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

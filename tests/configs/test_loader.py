@@ -144,3 +144,25 @@ def test_dump_and_load_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_a_key_given_twice_in_a_file_is_refused_with_the_key_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.4\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid YAML: .*duplicate key 'lr' \(line 4\)"):
+        load_config(path)
+    path.write_text("optim:\n  lr: 0.1\nschedule:\n  epochs: 3\noptim:\n  momentum: 0.8\n")
+    with pytest.raises(ConfigError, match="duplicate key 'optim'"):
+        load_config(path)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("launch:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text"):
+        load_config(path)
+    assert main(["train", "--config", str(path)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err

@@ -125,3 +125,4 @@ def test_a_manifest_of_format_1_is_still_read(manager: CheckpointManager) -> Non
     manifest = manager.latest()
     assert manifest is not None and manifest.files == {"model.pt": FileRecord(size=3, sha256=None)}
     assert manager.read_verified(manifest, "model.pt") == b"old"
+

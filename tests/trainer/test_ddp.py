@@ -117,3 +117,14 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(digits_root
     assert [r.start_step for r in resumed] == [20, 20] and resumed[0].steps == whole[0].steps == 22
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_that_do_not_finish_in_time_are_killed_and_reported(digits_root: Path, tmp_path: Path) -> None:
+    import psutil
+
+    before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(TimeoutError, match="2 ranks did not finish within 2 s; killed"):
+        run_ranks(config(digits_root, tmp_path, "distributed.strategy=ddp"), timeout_s=2)
+    psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p not in before], timeout=30)
+    assert [p for p in psutil.Process().children(recursive=True) if p not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE] == []
