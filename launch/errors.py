@@ -14,6 +14,11 @@ class RunFailed(RuntimeError):
     """The workers failed more often than launch.max_failures allows; the message names the last checkpoint."""
 
 
+class WorkerUserError(UserError):
+    """A worker stopped on an error a restart cannot fix (bad config, data, checkpoint); the message is the
+    worker's."""
+
+
 class PromotionRefused(Exception):
     """The promotion gate refused to move the alias; the message gives its reason."""
 

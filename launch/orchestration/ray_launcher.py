@@ -14,6 +14,7 @@ path, and reported to Ray where they lie (`CheckpointUploadMode.NO_UPLOAD`), nev
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ from typing import Any
 from configs.extras import import_extra
 from configs.loader import config_from_dict, config_to_dict
 from configs.schema import RunConfig
-from launch.errors import RunFailed
+from configs.errors import UserError
+from data_pipeline.storage import atomic_write
+from launch.errors import RunFailed, WorkerUserError
 from launch.orchestration.rundir import open_run_dir
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
+from trainer.meter import TrainingDiverged
 
 
 def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
@@ -54,16 +58,42 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
+    (run_dir / FATAL_FILE).unlink(missing_ok=True)  # a resumed run tries again what stopped it last time
     try:
         trainer.fit()
     except train.TrainingFailedError as error:
+        raise_recorded_fatal(run_dir)
         raise RunFailed(_failure_message(cfg, error)) from error
     finally:
         if started_here:
             ray.shutdown()
+    raise_recorded_fatal(run_dir)
     summary = RunSummary.load(run_dir)
     print(summary.table(), flush=True)
     return summary
+
+
+FATAL_FILE = "fatal_error.json"
+"""In the run folder: the first error a restart cannot fix, recorded by the worker that raised it."""
+NOT_RETRYABLE: tuple[type[BaseException], ...] = (UserError, TrainingDiverged)
+"""Errors that every restart would meet again: a bad config, data set or checkpoint, and divergence."""
+
+
+def record_fatal(run_dir: Path, rank: int, error: BaseException) -> None:
+    """Keep `error` (the first one recorded wins) for the driver and for the attempts Ray starts after it."""
+    if not (run_dir / FATAL_FILE).exists():
+        kind = "diverged" if isinstance(error, TrainingDiverged) else "user"
+        atomic_write(run_dir / FATAL_FILE, json.dumps({"rank": rank, "kind": kind, "message": str(error)}))
+
+
+def raise_recorded_fatal(run_dir: Path) -> None:
+    """Raise the error a worker recorded, as what it was (exit status 2 or 3), with the worker's message."""
+    try:
+        record = json.loads((run_dir / FATAL_FILE).read_text())
+    except FileNotFoundError:
+        return
+    message = f"worker rank {record['rank']}: {record['message']}"
+    raise TrainingDiverged(message) if record["kind"] == "diverged" else WorkerUserError(message)
 
 
 def _init_ray(ray: Any, address: str | None) -> bool:
@@ -140,5 +170,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = DistContext(rank=context.get_world_rank(), local_rank=context.get_local_rank(),
                       world_size=context.get_world_size(), device=ray_torch.get_device())
     run_dir = Path(loop_config["run_dir"])
-    train_process(cfg, ctx, run_dir, extra_sinks=[RaySink(is_primary=ctx.is_primary, run_dir=run_dir)],
-                  print_summary=False)  # the driver prints it
+    if (run_dir / FATAL_FILE).exists():
+        return  # an earlier attempt met an error no restart fixes: end at once, the driver reports it
+    try:
+        train_process(cfg, ctx, run_dir, extra_sinks=[RaySink(is_primary=ctx.is_primary, run_dir=run_dir)],
+                      print_summary=False)  # the driver prints it
+    except NOT_RETRYABLE as error:
+        # Ray would restart the group up to launch.max_failures times and meet the error every time. Record
+        # it and let this process die: the next attempt ends at once (above), and so does the run. (Ending
+        # here normally could leave another rank waiting in a collective for ever.)
+        record_fatal(run_dir, ctx.rank, error)
+        raise

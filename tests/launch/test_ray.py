@@ -6,6 +6,7 @@ the metrics once; a run out of restarts ends with an error naming its last good 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -142,3 +143,25 @@ def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
     for key, value in uninterrupted.items():
         assert torch.equal(weights[key], value), key
     assert_every_step_once(tmp_path / "fragile")
+
+
+@pytest.mark.parametrize(("extra", "status", "message"), [
+    (["model.num_classes=7"], 2, r"error: worker rank \d: model.num_classes=7 but the data set at data.root=.* has "
+                                 r"10 classes"),
+    (["optim.lr=1e30", "schedule.warmup_epochs=0", "optim.max_nonfinite_steps=3"], 3,
+     r"training stopped: worker rank \d: 3 consecutive steps before step \d+ had a non-finite loss"),
+], ids=["config", "divergence"])
+def test_an_error_no_restart_can_fix_stops_the_ray_run_at_once(digits_root: Path, tmp_path: Path, extra: list[str],
+                                                               status: int, message: str) -> None:
+    log = tmp_path / "fatal.log"
+    driver = start_training(overrides(digits_root, tmp_path, "fatal", "launch.max_failures=5", *extra), log)
+    try:
+        output = finish(driver, log)
+    finally:
+        driver.kill()
+    assert driver.returncode == status, output[-5000:]
+    assert re.search(message, output), output[-5000:]
+    # The fault happened in a worker, which recorded it; training started once, not once per allowed restart.
+    record = json.loads((tmp_path / "fatal" / "fatal_error.json").read_text())
+    assert re.search(message.split(": ", 2)[-1], record["message"]) and record["kind"] in ("user", "diverged")
+    assert output.count("run fatal: resnet18 on 2 x cpu") == 1, output[-5000:]
