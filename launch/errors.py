@@ -19,6 +19,10 @@ class WorkerUserError(UserError):
     worker's."""
 
 
+class TrackingIncomplete(Exception):
+    """Training finished and its checkpoint is safe, but tracking or registration did not complete."""
+
+
 class PromotionRefused(Exception):
     """The promotion gate refused to move the alias; the message gives its reason."""
 
@@ -44,6 +48,8 @@ EXIT_STATUSES = (
     ExitStatus(TrainingDiverged, 3, "training stopped", "training diverged (non-finite losses)"),
     ExitStatus(RunFailed, 4, "error", "the workers failed more often than launch.max_failures allows (Ray)"),
     ExitStatus(PromotionRefused, 5, "promotion refused", "the promotion gate refused the move"),
+    ExitStatus(TrackingIncomplete, 6, "tracking incomplete",
+               "trained and checkpointed, but the tracking server never answered or registration failed"),
     # EX_TEMPFAIL, "try again": schedulers that requeue on it resume the run from its checkpoint.
     ExitStatus(Preempted, 75, "preempted", "preempted by SIGTERM after a checkpoint: requeue to resume"),
 )

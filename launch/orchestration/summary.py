@@ -51,6 +51,9 @@ class RunSummary:
     """The registered version, models:/NAME/VERSION (None: not registered)."""
     promotion: str | None = None
     """The gate's decision at the end of the run, if tracking.promote_alias was set."""
+    tracking_error: str | None = None
+    """What tracking or registration failed to do (the trained checkpoint is safe); None when all of it
+    happened. A run with one exits with `TrackingIncomplete`'s status."""
     wall_time_s: float = field(default=0.0)
     """Wall time of this process's whole attempt, start-up and evaluation included."""
 
@@ -59,8 +62,9 @@ class RunSummary:
         record = dataclasses.asdict(self)
         val = record.pop("val")
         wall_time_s = record.pop("wall_time_s")
-        if record["promotion"] is None:
-            del record["promotion"]
+        for optional in ("promotion", "tracking_error"):
+            if record[optional] is None:
+                del record[optional]
         at = list(record).index("checkpoint_url")
         items = list(record.items())
         return {**dict(items[:at]), **val, **dict(items[at:]), "wall_time_s": wall_time_s}
@@ -100,6 +104,8 @@ class RunSummary:
         if self.tracking_uri:
             rows.append(("mlflow run", f"{self.mlflow_run_id} at {self.tracking_uri}"))
             rows.append(("registered as", self.model_uri or "not registered (see the messages above)"))
+            if self.tracking_error:
+                rows.append(("tracking failed", self.tracking_error))
             if self.promotion:
                 rows.append(("promotion", self.promotion))
             rows.append(("look at it", ui_command(self.tracking_uri)))

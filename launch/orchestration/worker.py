@@ -71,7 +71,11 @@ def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -
 
     delivered = tracker.close()
     summary = replace(summary, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
-    if not (delivered and cfg.tracking.register):
+    if not delivered:
+        return replace(summary, tracking_error=f"{tracker.uri} did not take the run's metrics and artifacts"
+                                               + ("" if tracker.run_id else " (the run was never created there)")
+                                               + (": the model was not registered" if cfg.tracking.register else ""))
+    if not cfg.tracking.register:
         return summary
     assert cfg.checkpoint.url is not None and tracker.run_id is not None
     try:
@@ -86,6 +90,8 @@ def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -
             summary = replace(summary, promotion=decision.describe(dry_run=False))
             print(f"mlflow: {summary.promotion}", flush=True)
     except Exception as error:  # noqa: BLE001 - reported, and the summary says what is missing
-        print(f"mlflow: could not register the model of run {tracker.run_id} at {tracker.uri}: "
-              f"{type(error).__name__}: {error}", flush=True)
+        problem = (f"could not register the model of run {tracker.run_id} at {tracker.uri}: "
+                   f"{type(error).__name__}: {error}")
+        print(f"mlflow: {problem}", flush=True)
+        summary = replace(summary, tracking_error=problem)
     return summary

@@ -185,10 +185,10 @@ class MlflowSink:
             entities = import_extra("mlflow.entities")
             client.log_batch(self.run_id, tags=[entities.RunTag(key, value) for key, value in self.tags.items()])
             self._start_system_metrics()
-        if self.dropped:
-            with self._lock:
-                dropped, self.dropped = self.dropped, 0
+        if dropped := self.dropped:
             client.log_metric(self.run_id, "tracking_dropped_metrics", dropped)
+            with self._lock:  # counted as reported only once the server has it
+                self.dropped -= dropped
         while self.buffer:
             with self._lock:
                 batch = [self.buffer.popleft() for _ in range(min(len(self.buffer), 1000))]

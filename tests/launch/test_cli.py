@@ -80,13 +80,13 @@ def test_every_command_is_registered_with_its_handler(capsys: pytest.CaptureFixt
 def test_each_error_kind_has_its_exit_status() -> None:
     from configs.errors import ConfigError, IncompatibleSettings, MissingExtraError
     from data_pipeline import DatasetError
-    from launch.errors import PromotionRefused, RunFailed, exit_status
+    from launch.errors import PromotionRefused, RunFailed, TrackingIncomplete, exit_status
     from trainer import TrainingDiverged
     from trainer.preempt import Preempted
 
     statuses = {kind: exit_status(kind) for kind in (ConfigError, IncompatibleSettings, MissingExtraError,
                                                       DatasetError, FileNotFoundError, TrainingDiverged, RunFailed,
-                                                      PromotionRefused, Preempted)}
-    assert list(statuses.values()) == [2, 2, 2, 2, 2, 3, 4, 5, 75]
+                                                      PromotionRefused, TrackingIncomplete, Preempted)}
+    assert list(statuses.values()) == [2, 2, 2, 2, 2, 3, 4, 5, 6, 75]
     with pytest.raises(StopIteration):
         exit_status(KeyError)  # a bug, not a user's error: no status, it propagates with its traceback

@@ -269,3 +269,17 @@ def test_a_server_outage_mid_run_loses_no_metric(server: Server, digits_root: Pa
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == expected
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22, 44, 66]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_tracking_server_that_never_answers_ends_the_run_with_status_6_and_the_checkpoint_safe(
+        digits_root: Path, tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"  # a port no server listens on
+    process = train(*common(digits_root, tmp_path / "runs", nobody, "untracked"))
+    output, _ = process.communicate(timeout=600)
+    text = output.decode(errors="replace")
+    assert process.returncode == 6, text[-4000:]
+    assert f"tracking incomplete: {nobody} did not take the run's metrics and artifacts (the run was never created " \
+           "there): the model was not registered; the checkpoint" in text
+    summary = json.loads((tmp_path / "runs" / "untracked" / "summary.json").read_text())
+    assert summary["tracking_error"].startswith(f"{nobody} did not take") and summary["model_uri"] is None
+    assert open_checkpoints(str(tmp_path / "runs" / "untracked" / "checkpoints")).latest().step == 22  # type: ignore[union-attr]
