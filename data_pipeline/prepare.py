@@ -43,9 +43,14 @@ class PreparedSplit:
     """(class/file, reason) of every file left out."""
 
 
+LOADABLE_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP", "PPM", "JPEG2000"})
+"""Image formats (PIL's names) that both loaders decode: DALI's decoders read these, PIL all of them. A
+GIF, say, decodes in PIL but stops a DALI pipeline, so the index leaves it out."""
+
+
 def check_image(path: str) -> tuple[int, int, int] | str:
-    """(width, height, bytes) if `path` decodes completely as an image (any mode PIL reads: CMYK, grayscale,
-    PNG under a .JPEG name, ...), else the reason it does not."""
+    """(width, height, bytes) if `path` decodes completely as an image both loaders read (any mode: CMYK,
+    grayscale, PNG under a .JPEG name, ...), else the reason it does not."""
     from PIL import Image
 
     try:
@@ -53,6 +58,9 @@ def check_image(path: str) -> tuple[int, int, int] | str:
         if num_bytes == 0:
             return "empty file"
         with Image.open(path) as image:
+            if image.format not in LOADABLE_FORMATS:
+                return (f"{image.format} image: DALI's decoders do not read it (readable: "
+                        f"{', '.join(sorted(LOADABLE_FORMATS))})")
             image.load()  # a full decode: a truncated file fails here, not at open
             if image.width < 1 or image.height < 1:
                 return "image has no pixels"

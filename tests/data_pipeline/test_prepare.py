@@ -27,7 +27,10 @@ def quirky_tree(root: Path) -> None:
     """Two classes; train/a holds every quirk real ImageNet has, and the broken files it also has."""
     png = io.BytesIO()
     Image.new("RGB", (20, 20), (1, 2, 3)).save(png, "PNG")
+    gif = io.BytesIO()
+    Image.new("RGB", (20, 20), (4, 5, 6)).save(gif, "GIF")  # PIL decodes it; a DALI pipeline stops on it
     files = {
+        "train/a/gif_inside.JPEG": gif.getvalue(),
         "train/a/rgb.JPEG": jpeg_bytes(),
         "train/a/cmyk.JPEG": jpeg_bytes("CMYK"),
         "train/a/gray.JPEG": jpeg_bytes("L"),
@@ -52,7 +55,7 @@ def test_quirky_images_are_kept_and_broken_files_are_reported(tmp_path: Path,
     quirky_tree(tmp_path)
     assert main(["data", "prepare", str(tmp_path), "--num-workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "train: 7 images in 2 classes, 4 files left out" in out and "val: 2 images in 2 classes" in out
+    assert "train: 7 images in 2 classes, 5 files left out" in out and "val: 2 images in 2 classes" in out
     index = tmp_path / "index"
     assert (index / "classes.txt").read_text() == "a\nb\n"
     lines = [line.split(" ") for line in (index / "train.txt").read_text().splitlines()]
@@ -63,7 +66,8 @@ def test_quirky_images_are_kept_and_broken_files_are_reported(tmp_path: Path,
     assert all(int(num_bytes) == (tmp_path / "train" / path).stat().st_size for path, *_, num_bytes in lines)
     reasons = dict(line.split("\t") for line in (index / "excluded.txt").read_text().splitlines())
     assert set(reasons) == {"train/a/.DS_Store", "train/a/empty.JPEG", "train/a/notes.JPEG",
-                            "train/a/truncated.JPEG"}
+                            "train/a/truncated.JPEG", "train/a/gif_inside.JPEG"}
+    assert reasons["train/a/gif_inside.JPEG"].startswith("GIF image: DALI's decoders do not read it")
     assert reasons["train/a/empty.JPEG"] == "empty file"
     assert reasons["train/a/truncated.JPEG"].startswith("not a decodable image: OSError")
 
