@@ -283,3 +283,21 @@ def test_a_tracking_server_that_never_answers_ends_the_run_with_status_6_and_the
     summary = json.loads((tmp_path / "runs" / "untracked" / "summary.json").read_text())
     assert summary["tracking_error"].startswith(f"{nobody} did not take") and summary["model_uri"] is None
     assert open_checkpoints(str(tmp_path / "runs" / "untracked" / "checkpoints")).latest().step == 22  # type: ignore[union-attr]
+
+
+def test_a_dead_server_keeps_the_newest_metrics_up_to_the_cap_and_counts_the_rest(tmp_path: Path) -> None:
+    import inspect
+
+    from configs import load_config
+    from launch.tracking.sink import MlflowSink
+
+    assert inspect.signature(MlflowSink).parameters["max_buffered"].default == 100_000
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: every send fails
+    sink = MlflowSink(load_config("quickstart", [f"tracking.uri={uri}"]), tmp_path, world_size=1, device="cpu",
+                      max_buffered=10)
+    for step in range(1, 26):
+        sink.log({"loss": float(step)}, step)
+    time.sleep(3)  # the background thread has tried (and failed) to send by now
+    assert [metric.step for metric in sink.buffer] == list(range(16, 26))  # the newest 10 kept
+    assert sink.dropped == 15  # counted, to be logged as tracking_dropped_metrics once a server answers
+    assert not sink.close(timeout_s=0.5)
