@@ -29,7 +29,7 @@ def test_the_recipes_the_readme_lists_are_shipped() -> None:
 def test_each_recipe_resolves_and_builds_its_network(recipe: str) -> None:
     cfg = load_config(recipe)
     workers = cfg.launch.num_workers
-    device = torch.device("cuda" if cfg.launch.gpus_per_worker else "cpu")
+    device = torch.device("cuda", 0) if cfg.launch.gpus_per_worker else torch.device("cpu")
     check_distributed(cfg, DistContext(rank=0, local_rank=0, world_size=workers, device=device))
     with torch.device("meta"):
         network = build_model(cfg.model)
