@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from configs.extras import import_extra
-from configs.loader import ConfigError
+from configs.errors import IncompatibleSettings
 from configs.schema import DistributedConfig
 from trainer.dist import DistContext, all_reduce_max, broadcast_buffers
 from trainer.serialize import from_bytes
@@ -144,7 +144,7 @@ class DeepSpeedStrategy:
                              "written by another distributed.strategy; resume it with that strategy")
         partitions = [name for name in engine_files if "optim_states" in name and "zero_pp_rank_" in name]
         if self.zero_stage > 0 and len(partitions) != self.world_size:
-            raise ConfigError(
+            raise IncompatibleSettings(
                 f"the checkpoint holds ZeRO optimizer state partitioned over {len(partitions)} ranks, this run has "
                 f"{self.world_size}: ZeRO optimizer state only reloads at the same data-parallel world size. Resume "
                 f"with {len(partitions)} workers (keeping data.batch_size x workers x optim.accumulation_steps)")
