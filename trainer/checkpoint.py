@@ -5,7 +5,7 @@ writer (every rank) reports what it wrote: name, size and SHA-256 of each file. 
 the manifest from all the reports, last, so a reader trusts a step only when the manifest exists, parses
 and every file it lists is there at its size: a crash mid-write leaves the previous step as the latest,
 and a stale listing of a shared file system cannot commit a step without another rank's file. Loading
-checks each file's hash (`verify`). A committed step is never written again (object stores have no
+checks each file's hash (`read_verified`). A committed step is never written again (object stores have no
 atomic rename to protect it). Only the newest `keep_last` steps and the best one by validation top-1
 are kept.
 """
@@ -81,7 +81,10 @@ class CheckpointManager:
 
     def url(self, step: int) -> str:
         """Where `step` lives."""
-        return f"{self.storage.url.rstrip('/')}/{step_folder(step)}"
+        return self._url(step_folder(step))
+
+    def _url(self, path: str) -> str:
+        return f"{self.storage.url.rstrip('/')}/{path}"
 
     def write(self, step: int, files: dict[str, bytes]) -> dict[str, FileRecord]:
         """Write data files of `step` (every rank writes its own) and return what was written, for `commit`;
@@ -154,7 +157,7 @@ class CheckpointManager:
         `step_<n>.damaged-<time>`, which no reader or pruning looks at; return where it went."""
         aside = f"{step_folder(step)}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
         self.storage.move(step_folder(step), aside)
-        return f"{self.storage.url.rstrip('/')}/{aside}"
+        return self._url(aside)
 
     def read_verified(self, manifest: Manifest, name: str) -> bytes:
         """A file of `manifest`'s step, checked against its record there."""

@@ -110,17 +110,22 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: E
     barrier()
 
 
-def verify_step(manager: CheckpointManager, manifest: Manifest, strategy: Strategy) -> str | None:
-    """Why committed step `manifest` cannot be loaded (a file whose size or hash differs from the manifest,
-    or that holds more than weights and plain data), or None when every file checks out."""
+def verify_step(manager: CheckpointManager, manifest: Manifest,
+                strategy: Strategy) -> tuple[str | None, dict[str, bytes]]:
+    """Read every file of committed step `manifest` and check it: why the step cannot be loaded (a file whose
+    size or hash differs from the manifest, or that holds more than weights and plain data), or None when
+    every file checks out; and the files read, for `load_state` (so a resume reads each file once)."""
+    files: dict[str, bytes] = {}
     for name in manifest.files:
         try:
-            strategy.check_file(name, manager.read_verified(manifest, name))
+            files[name] = manager.read_verified(manifest, name)
+            strategy.check_file(name, files[name])
         except CheckpointCorrupt as error:
-            return str(error)
+            return str(error), {}
         except Exception as error:  # the unpickler raises several types; all mean "not plain weights"
-            return f"{manager.url(manifest.step)}/{name}: does not load as weights only ({_unpickler_reason(error)})"
-    return None
+            reason = _unpickler_reason(error)
+            return f"{manager.url(manifest.step)}/{name}: does not load as weights only ({reason})", {}
+    return None, files
 
 
 def _unpickler_reason(error: Exception) -> str:
@@ -132,19 +137,24 @@ def _unpickler_reason(error: Exception) -> str:
 
 
 def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strategy, ema: Ema | None,
-               ctx: DistContext) -> None:
-    """Restore model, EMA, optimizer, scaler and this rank's generators from a committed step."""
+               ctx: DistContext, *, files: dict[str, bytes] | None = None) -> None:
+    """Restore model, EMA, optimizer, scaler and this rank's generators from a committed step (from `files`,
+    what `verify_step` read, when given; else each file is read and checked here)."""
     step = manifest.step
-    strategy.unwrapped().load_state_dict(from_bytes(manager.read_verified(manifest, "model.pt")))
-    strategy.load_files(sorted(manifest.files), lambda name: manager.read_verified(manifest, name))
+
+    def read(name: str) -> bytes:
+        return files[name] if files is not None else manager.read_verified(manifest, name)
+
+    strategy.unwrapped().load_state_dict(from_bytes(read("model.pt")))
+    strategy.load_files(sorted(manifest.files), read)
     if ema is not None:
         if "ema.pt" in manifest.files:
-            ema.load_state_dict(from_bytes(manager.read_verified(manifest, "ema.pt")))
+            ema.load_state_dict(from_bytes(read("ema.pt")))
         else:
             # Turning the average on for a run that had it off: start it from the current weights.
             ema.reset(strategy.unwrapped())
     if manifest.meta["world_size"] == ctx.world_size:
-        restore_rng(from_bytes(manager.read_verified(manifest, f"rank_{ctx.rank}.pt"))["rng"])
+        restore_rng(from_bytes(read(f"rank_{ctx.rank}.pt"))["rng"])
     elif ctx.is_primary:
         # Data order and augmentation depend only on (seed, epoch, step), so the run stays exact for the
         # training itself; only generators that other code may draw from start afresh.
@@ -188,10 +198,10 @@ class Checkpointer:
         for manifest in reversed(committed):
             check_compatible(manifest, self.manager.url(manifest.step), self.cfg,
                              global_batch_size=self.global_batch_size)
-            problem = verify_step(self.manager, manifest, self.strategy)
+            problem, files = verify_step(self.manager, manifest, self.strategy)
             failed = torch.tensor(float(problem is not None), device=self.ctx.device)
             if not all_reduce_max(failed).item():
-                load_state(self.manager, manifest, self.strategy, self.ema, self.ctx)
+                load_state(self.manager, manifest, self.strategy, self.ema, self.ctx, files=files)
                 return manifest.step, {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
             problem = problem or "another rank found a file of this step damaged"
             problems.append(problem)

@@ -7,11 +7,12 @@ the per-process body they all end in, and the run summary.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from configs.errors import ConfigError
 from configs.schema import RunConfig
 from launch.errors import TrackingIncomplete
-from launch.orchestration.summary import RunSummary
+from launch.orchestration.summary import SUMMARY_FILE, RunSummary
 
 
 def start_run(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
@@ -30,7 +31,7 @@ def start_run(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
         summary = run_local(cfg, resume=resume)
     if summary is not None and summary.tracking_error is not None:
         raise TrackingIncomplete(f"{summary.tracking_error}; the checkpoint {summary.checkpoint_url} is safe "
-                                 f"(summary: {summary.run_dir}/summary.json)")
+                                 f"(summary: {Path(summary.run_dir) / SUMMARY_FILE})")
     return summary
 
 

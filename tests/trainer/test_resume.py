@@ -77,9 +77,9 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(digits_root: Path, tmp
 def test_negative_control_without_optimizer_state_the_weights_differ(
         digits_root: Path, tmp_path: Path, uninterrupted: tuple[int, dict, dict],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def load_without_optimizer(manager, manifest, strategy, ema, ctx):  # noqa: ANN001, ANN202
+    def load_without_optimizer(manager, manifest, strategy, ema, ctx, **kwargs):  # noqa: ANN001, ANN003, ANN202
         fresh = strategy.optimizer.state_dict()  # nothing in it yet: no momentum
-        load_state(manager, manifest, strategy, ema, ctx)
+        load_state(manager, manifest, strategy, ema, ctx, **kwargs)
         strategy.optimizer.load_state_dict(fresh)
 
     monkeypatch.setattr(trainer.state, "load_state", load_without_optimizer)
