@@ -25,7 +25,7 @@ from typing import Any
 from configs.extras import import_extra
 from configs.loader import config_to_dict
 from configs.schema import RunConfig
-from launch.tracking.store import ARTIFACTS_FOLDER, limit_http_calls, tracking_uri
+from launch.tracking.store import ARTIFACTS_FOLDER, create_sqlite_store, limit_http_calls, tracking_uri
 
 RUN_FILE = "mlflow_run.json"
 """In the run folder: the tracking URI and MLflow run id of this training run. The same record is in each
@@ -88,6 +88,7 @@ class MlflowSink:
         self.cfg = cfg
         self.run_dir = run_dir
         self.uri = tracking_uri(cfg)
+        create_sqlite_store(self.uri)  # before any metric is queued: a kill from here on cannot damage it
         self.tags = {**_environment_tags(world_size, device), "config_hash": config_hash(cfg)}
         self.max_buffered = max_buffered
         self.buffer: deque[Any] = deque()

@@ -260,15 +260,25 @@ def test_a_server_outage_mid_run_loses_no_metric(server: Server, digits_root: Pa
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.2)
     server.stop()  # dies mid-run, training goes on
-    while len(metrics.read_text().splitlines()) < 8:
+    with pytest.raises(OSError):  # the outage is real
+        urllib.request.urlopen(f"{server.uri}/health", timeout=2)
+    reports_before = len(metrics.read_text().splitlines())
+    while len(metrics.read_text().splitlines()) < reports_before + 4:
         assert time.monotonic() < deadline and process.poll() is None, "training stalled without the server"
         time.sleep(0.2)
+    during = [json.loads(line)["step"] for line in metrics.read_text().splitlines()[reports_before:]]
+    assert during == sorted(during) and during[-1] > during[0]  # steps trained while the server was down
     server.start()  # back, with the same store
     finished(process)
     run_id = json.loads((tmp_path / "runs" / "outage" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(server.uri)
-    expected = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == expected
+    # Every key of every report arrived, at its step and with its value (the run's own record).
+    reports = [json.loads(line) for line in metrics.read_text().splitlines()]
+    keys = {key for report in reports for key in report if key not in ("step", "time")}
+    assert {"loss", "lr", "images_per_s", "val_top1", "val_loss"} <= keys
+    for key in keys:
+        expected = [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in reports if key in r]
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == expected, key
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22, 44, 66]
     assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -303,3 +313,69 @@ def test_a_dead_server_keeps_the_newest_metrics_up_to_the_cap_and_counts_the_res
     assert [metric.step for metric in sink.buffer] == list(range(16, 26))  # the newest 10 kept
     assert sink.dropped == 15  # counted, to be logged as tracking_dropped_metrics once a server answers
     assert not sink.close(timeout_s=0.5)
+
+
+CREATE_STORE = """
+import sys
+sys.path.insert(0, {repo!r})
+from launch.tracking.store import create_sqlite_store
+import mlflow
+print("imported", flush=True)
+(create_sqlite_store if {atomic} else lambda uri: mlflow.MlflowClient(uri).search_experiments())({uri!r})
+"""
+
+
+def _kill_while_creating(database: Path, *, atomic: bool) -> None:
+    """Start a process that creates the sqlite store `database` (with `create_sqlite_store`, or with plain
+    MLflow when not `atomic`), and SIGKILL it once it has written part of the tables (the whole is 0.9 MB)."""
+    code = CREATE_STORE.format(repo=str(REPO), atomic=atomic, uri=f"sqlite:///{database}")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    assert process.stdout is not None and process.stdout.readline() == "imported\n"
+    deadline = time.monotonic() + 60
+    while sum(_size(path) for path in database.parent.glob(f"{database.name}*")) < 200_000:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -9  # the fault happened: killed, not finished
+
+
+def test_a_process_killed_while_creating_the_embedded_store_leaves_no_store_behind(tmp_path: Path) -> None:
+    # Negative control: plain MLflow killed mid-creation leaves a half-built database at the store's path
+    # (whether a later process can finish it depends on the migration step it died in).
+    plain = tmp_path / "plain" / "mlflow.db"
+    plain.parent.mkdir()
+    _kill_while_creating(plain, atomic=False)
+    assert plain.is_file()
+
+    database = tmp_path / "runs" / "mlflow.db"
+    database.parent.mkdir()
+    _kill_while_creating(database, atomic=True)
+    assert not database.exists()  # only the killed process's scratch file
+    assert [path.name for path in database.parent.iterdir()][0].startswith("mlflow.db.tmp-")
+
+    from launch.tracking.store import create_sqlite_store
+
+    create_sqlite_store(f"sqlite:///{database}")
+    assert _schema(plain) != _schema(database)
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    experiment_id = client.create_experiment("after-the-kill")
+    assert client.create_run(experiment_id).info.status == "RUNNING"
+
+
+def _size(path: Path) -> int:
+    """The size of a file that sqlite may be deleting (its journal) meanwhile, 0 if gone."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _schema(database: Path) -> tuple[set[str], list[tuple[str, ...]]]:
+    """The tables of a sqlite store and the migration it is at."""
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = connection.execute("SELECT * FROM alembic_version").fetchall() if "alembic_version" in tables else []
+    return tables, version
