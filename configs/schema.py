@@ -218,10 +218,14 @@ class CheckpointConfig:
     """Also save every this many steps within an epoch; 0: only at the end of each epoch."""
     keep_last: int = 3
     """How many of the newest checkpoints to keep (the best one is kept as well)."""
+    lease_timeout_s: float = 300.0
+    """A run holds its checkpoint URL (one writer per URL) and renews its claim every tenth of this; a claim
+    not renewed for this long is taken over by the next run that wants the URL."""
 
     def __post_init__(self) -> None:
         _require(self.interval_steps >= 0, "interval_steps", self.interval_steps, "must be >= 0")
         _require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+        _require(self.lease_timeout_s > 0, "lease_timeout_s", self.lease_timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

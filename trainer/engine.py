@@ -19,6 +19,7 @@ from trainer.cadence import Cadence
 from trainer.checkpoint import open_checkpoints
 from trainer.dist import DistContext
 from trainer.ema import Ema
+from trainer.lease import Claimant, hold_writer_lease
 from trainer.loop import Learner, TrainResult, train
 from trainer.meter import IntervalMeter
 from trainer.metrics import MetricSink
@@ -32,9 +33,10 @@ from trainer.strategy.single import bare_module
 
 
 def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
-        extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
+        extra_meta: Callable[[], dict[str, Any]] | None = None, claimant: Claimant | None = None) -> TrainResult:
     """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
-    primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue."""
+    primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue.
+    `claimant`: the run that holds checkpoint.url while it trains (one writer per URL; see trainer/lease.py)."""
     seed_everything(cfg.seed)
     apply_device_settings(ctx.device, cfg.precision)
     precision = resolve_precision(cfg.precision, ctx.device)
@@ -63,10 +65,12 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
                       log_interval_steps=cfg.tracking.log_interval_steps,
                       checkpoint_interval_steps=cfg.checkpoint.interval_steps)
     manager = open_checkpoints(cfg.checkpoint.url, keep_last=cfg.checkpoint.keep_last) if cfg.checkpoint.url else None
-    checkpointer = Checkpointer(manager=manager, cfg=cfg, strategy=strategy, ema=ema, ctx=ctx, sinks=sinks,
-                                steps_per_epoch=cadence.steps_per_epoch, global_batch_size=global_batch_size,
-                                extra_meta=extra_meta)
-    with watch_for_preemption() as preemption:
+    with (hold_writer_lease(manager.storage if manager is not None else None, claimant, ctx,
+                            timeout_s=cfg.checkpoint.lease_timeout_s) as lease,
+          watch_for_preemption() as preemption):
+        checkpointer = Checkpointer(manager=manager, cfg=cfg, strategy=strategy, ema=ema, ctx=ctx, sinks=sinks,
+                                    steps_per_epoch=cadence.steps_per_epoch, global_batch_size=global_batch_size,
+                                    extra_meta=extra_meta, lease=lease)
         meter = IntervalMeter(ctx.device, learner.running_stats(), world_size=ctx.world_size,
                               max_nonfinite_steps=cfg.optim.max_nonfinite_steps, preemption=preemption)
         return train(learner, loaders, cadence, meter, checkpointer, sinks)

@@ -25,6 +25,7 @@ from configs.schema import RunConfig
 from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, Manifest
 from trainer.dist import DistContext, all_reduce_max, barrier, gather_objects
 from trainer.ema import Ema
+from trainer.lease import WriterLease, check_writer_lease
 from trainer.metrics import MetricSink
 from trainer.serialize import from_bytes, to_bytes
 from trainer.strategy import Strategy
@@ -185,6 +186,8 @@ class Checkpointer:
     """Recorded, and checked on resume: a step means the same images only with the same global batch."""
     extra_meta: Callable[[], dict[str, Any]] | None = None
     """On the primary process: more facts for each manifest at the moment it is written."""
+    lease: WriterLease | None = None
+    """On the primary process: the run's hold on the checkpoint URL, checked before each save."""
 
     def resume(self) -> tuple[int, dict[str, float]]:
         """Load the newest good committed step if there is one (refusing one that does not fit this run);
@@ -220,6 +223,7 @@ class Checkpointer:
         """Write and commit checkpoint `step` on every rank (with `val`, the epoch's scores, when it ends one)."""
         if self.manager is None:
             return
+        check_writer_lease(self.lease, self.ctx)  # a run that was taken over stops here, writing nothing
         meta = checkpoint_meta(self.cfg, step=step, steps_per_epoch=self.steps_per_epoch,
                                global_batch_size=self.global_batch_size, world_size=self.ctx.world_size, val=val)
         if self.extra_meta is not None:

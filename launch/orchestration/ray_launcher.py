@@ -8,8 +8,9 @@ thread, where the trainer cannot catch the signal) fails the worker group; Ray s
 `launch.max_failures` times, and each new worker resumes from the latest committed checkpoint at its
 exact step and data position, as every start of `trainer.run` does.
 
-The trainer's checkpoints are Ray's: they are written once, into the run folder under Ray's storage
-path, and reported to Ray where they lie (`CheckpointUploadMode.NO_UPLOAD`), never copied.
+The trainer's checkpoint manager is the one record of checkpoints: Ray is told of each in metrics only.
+(Ray checks, when a run of the same name starts again, that every checkpoint it was given still exists;
+the trainer prunes old ones, so a `--resume` of a run that had given Ray its checkpoints failed there.)
 """
 
 from __future__ import annotations
@@ -120,13 +121,10 @@ def _failure_message(cfg: RunConfig, error: Exception) -> str:
 
 
 class RaySink:
-    """Tells Ray about each committed checkpoint, from every rank (`ray.train.report` is a barrier that all
-    ranks must reach equally often); rank 0 passes the checkpoint itself, where it lies, with its last
-    training metrics."""
+    """Tells Ray about each committed checkpoint, with the last training metrics, from every rank
+    (`ray.train.report` is a barrier that all ranks must reach equally often)."""
 
-    def __init__(self, *, is_primary: bool, run_dir: Path) -> None:
-        self.is_primary = is_primary
-        self.run_dir = run_dir
+    def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -134,14 +132,8 @@ class RaySink:
         self.metrics.update(metrics, step=step)
 
     def on_checkpoint(self, step: int, url: str) -> None:
-        """Report checkpoint `step` to Ray. Ray tracks only checkpoints inside its run folder; one elsewhere
-        (a checkpoint.url set by hand) is reported as metrics alone."""
-        train = import_extra("ray.train")
-        checkpoint = None
-        if self.is_primary and Path(url).is_relative_to(self.run_dir):
-            checkpoint = train.Checkpoint(url)
-        train.report({**self.metrics, "step": step}, checkpoint=checkpoint,
-                     checkpoint_upload_mode=train.CheckpointUploadMode.NO_UPLOAD)
+        """Report checkpoint `step` to Ray, in metrics (see the module docstring)."""
+        import_extra("ray.train").report({**self.metrics, "step": step, "checkpoint_step": step})
 
 
 def _quiet_report_log() -> None:
@@ -173,7 +165,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if (run_dir / FATAL_FILE).exists():
         return  # an earlier attempt met an error no restart fixes: end at once, the driver reports it
     try:
-        train_process(cfg, ctx, run_dir, extra_sinks=[RaySink(is_primary=ctx.is_primary, run_dir=run_dir)],
+        train_process(cfg, ctx, run_dir, extra_sinks=[RaySink()],
                       print_summary=False)  # the driver prints it
     except NOT_RETRYABLE as error:
         # Ray would restart the group up to launch.max_failures times and meet the error every time. Record

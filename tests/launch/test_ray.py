@@ -97,18 +97,29 @@ def assert_every_step_once(run_dir: Path) -> None:
 def test_killed_and_preempted_workers_are_restarted_and_reach_the_uninterrupted_weights(
         digits_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
     log = tmp_path / "faults.log"
-    driver = start_training(overrides(digits_root, tmp_path, "faults", "launch.max_failures=4"), log)
+    driver = start_training(overrides(digits_root, tmp_path, "faults", "launch.max_failures=4",
+                                      "tracking.register=true"), log)
     metrics = tmp_path / "faults" / "metrics.jsonl"
     try:
         wait_for_report(metrics, after_step=5)
-        os.kill(train_workers()[-1].pid, signal.SIGKILL)  # a lost process, mid-epoch
+        killed = train_workers()[-1].pid
+        assert f"pid={killed}) world_rank=" in log.read_text(errors="replace")  # a worker of this run
+        os.kill(killed, signal.SIGKILL)  # a lost process, mid-epoch
         sigterm_after = wait_for_report(metrics, after_step=15)
-        os.kill(train_workers()[0].pid, signal.SIGTERM)  # a preemption, later in the run
+        stopped = train_workers()[0].pid
+        os.kill(stopped, signal.SIGTERM)  # a preemption, later in the run
         output = finish(driver, log)
     finally:
         driver.kill()
     assert driver.returncode == 0, output[-5000:]
+    # The driver saw both failures, each of a process of this run, and each time started a new worker group
+    # that resumed from a step committed before the fault (under Ray, SIGTERM ends a worker like a kill).
     assert sigterm_after > 15
+    assert "Error count: 1 " in output and "Error count: 2 " in output and "Error count: 3 " not in output
+    assert f"pid={stopped}) world_rank=" in output and f"pid: {killed}" in output
+    resumed = [int(step) for step in re.findall(r"run faults: resnet18 on 2 x cpu, resuming from step (\d+)", output)]
+    assert len(resumed) == 2 and all(step % 5 == 0 for step in resumed), output[-5000:]
+    assert 5 <= resumed[0] <= 15 <= resumed[1] <= sigterm_after, output[-5000:]
     weights = final_weights(tmp_path / "faults" / "checkpoints")
     for key, value in uninterrupted.items():
         assert torch.equal(weights[key], value), key
@@ -116,6 +127,22 @@ def test_killed_and_preempted_workers_are_restarted_and_reach_the_uninterrupted_
     summary = json.loads((tmp_path / "faults" / "summary.json").read_text())
     assert summary["steps"] == TOTAL_STEPS and summary["world_size"] == 2
     assert output.count("val top-1") == 1  # the driver's summary; workers print none
+    assert_registered_once(tmp_path, summary)
+
+
+def assert_registered_once(runs: Path, summary: dict[str, object]) -> None:
+    """A run that ends again after it registered its model (as an attempt Ray restarts after registering
+    does: the same run and final step) registers no second version."""
+    from mlflow import MlflowClient
+
+    again = subprocess.run([sys.executable, "-m", "launch", "train", "--resume", "faults", f"launch.runs_dir={runs}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-3000:]
+    assert "resuming from step 44" in again.stdout
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    versions = client.search_model_versions("name='resnet18-digits'")
+    assert [(str(v.version), v.run_id, v.tags["step"]) for v in versions] == [("1", summary["mlflow_run_id"], "44")]
+    assert json.loads((runs / "faults" / "summary.json").read_text())["model_uri"] == "models:/resnet18-digits/1"
 
 
 def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
