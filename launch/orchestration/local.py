@@ -13,6 +13,7 @@ from launch.orchestration.rundir import open_run_dir
 from launch.orchestration.summary import RunSummary
 from launch.orchestration.worker import train_process
 from trainer.dist import DistContext, init_distributed, is_distributed, single_process_context
+from trainer.lease import new_launch_id
 
 
 def run_local(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
@@ -50,4 +51,5 @@ def _run(cfg: RunConfig, ctx: DistContext, *, resume: bool) -> RunSummary | None
     if resolved[0] is None:
         raise FileExistsError("rank 0 could not create the run folder (see its error)")
     cfg = resolved[0]
-    return train_process(cfg, ctx, Path(cfg.launch.runs_dir) / str(cfg.launch.name))
+    # Only the primary claims the checkpoint URL: the other ranks' launch ids go unused.
+    return train_process(cfg, ctx, Path(cfg.launch.runs_dir) / str(cfg.launch.name), launch_id=new_launch_id())

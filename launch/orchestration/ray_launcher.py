@@ -29,6 +29,7 @@ from launch.errors import RunFailed, WorkerUserError
 from launch.orchestration.rundir import open_run_dir
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
+from trainer.lease import new_launch_id
 from trainer.meter import TrainingDiverged
 
 
@@ -48,7 +49,8 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
           f"restarts, outputs in {run_dir}", flush=True)
     trainer = ray_torch.TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir)},
+        # One launch id for every attempt: a restarted primary takes over its predecessor's checkpoint lease.
+        train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "launch_id": new_launch_id()},
         torch_config=ray_torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train.ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
                                            resources_per_worker=resources),
@@ -165,7 +167,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if (run_dir / FATAL_FILE).exists():
         return  # an earlier attempt met an error no restart fixes: end at once, the driver reports it
     try:
-        train_process(cfg, ctx, run_dir, extra_sinks=[RaySink()],
+        train_process(cfg, ctx, run_dir, launch_id=loop_config["launch_id"], extra_sinks=[RaySink()],
                       print_summary=False)  # the driver prints it
     except NOT_RETRYABLE as error:
         # Ray would restart the group up to launch.max_failures times and meet the error every time. Record

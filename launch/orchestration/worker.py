@@ -13,14 +13,15 @@ from configs.schema import RunConfig
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
 from trainer.dist import DistContext
+from trainer.lease import Claimant
 from trainer.metrics import ConsoleSink, JsonLinesSink, MetricSink
 
 if TYPE_CHECKING:
     from launch.tracking.sink import MlflowSink
 
 
-def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sinks: Sequence[MetricSink] = (),
-                  print_summary: bool = True) -> RunSummary | None:
+def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id: str,
+                  extra_sinks: Sequence[MetricSink] = (), print_summary: bool = True) -> RunSummary | None:
     """Train this process's share of the run in `run_dir`; on the primary process also print progress, append
     metrics.jsonl, and write (and with `print_summary` print) the summary, which it returns (None on other
     ranks). `extra_sinks` go to every rank (a launcher's own reporting, which must happen on all ranks alike)."""
@@ -42,7 +43,8 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, extra_sink
                                  checkpointed=latest.meta.get("mlflow") if latest is not None else None)
             sinks.append(tracker)
     try:
-        result = trainer.run(cfg, ctx, sinks, extra_meta=tracker.checkpoint_meta if tracker is not None else None)
+        result = trainer.run(cfg, ctx, sinks, extra_meta=tracker.checkpoint_meta if tracker is not None else None,
+                             claimant=Claimant(run=str(cfg.launch.name), launch=launch_id))
     except BaseException:
         if tracker is not None:
             tracker.close(status="FAILED", timeout_s=10)

@@ -1,8 +1,12 @@
-"""`train --resume` in each of its forms, and the refusal of a run name that is taken (one process each)."""
+"""`train --resume` in each of its forms, the refusal of a run name that is taken, and one writer per checkpoint
+URL (a second live run refused, a dead holder taken over)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,8 @@ from launch.cli import main
 from trainer.checkpoint import open_checkpoints
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def args(root: Path, runs: Path, *extra: str) -> list[str]:
@@ -56,3 +62,33 @@ def test_every_form_of_resume_continues_where_it_should(digits_root: Path, tmp_p
     # Negative control: a URL with no committed checkpoint is not silently a fresh start.
     assert main([*args(digits_root, runs, "launch.name=third"), "--resume", str(tmp_path / "nothing")]) == 2
     assert "no committed checkpoint there" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_live_runs_checkpoints_is_refused_and_takes_over_once_it_is_gone(
+        digits_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    url = str(runs / "first" / "checkpoints")
+    first = subprocess.Popen([sys.executable, "-m", "launch", *args(digits_root, runs, "launch.name=first",
+                                                                     "schedule.epochs=50")],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not steps_of(runs / "first"):  # training, with its first checkpoint committed
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "launch", *args(digits_root, runs, "launch.name=second"),
+                                 "--resume", url], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+        assert f"{url} is being written by run 'first' (launch " in second.stderr
+        assert f"pid {first.pid}, last heartbeat" in second.stderr
+        assert first.poll() is None  # the holder trained on, untouched
+        first.kill()  # then dies holding the URL: its record stays behind
+        assert first.wait() == -9
+    finally:
+        first.kill()
+    assert len(list((runs / "first" / "checkpoints" / "writers").iterdir())) == 1
+    third = subprocess.run([sys.executable, "-m", "launch", *args(digits_root, runs, "launch.name=third"),
+                            "--resume", url], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "taking over from run 'first' (launch " in third.stdout and f"pid {first.pid}," in third.stdout
+    assert not list((runs / "first" / "checkpoints" / "writers").iterdir())  # released at the end
