@@ -156,6 +156,9 @@ class ScheduleConfig:
     """Epochs at which step decay multiplies the lr by `step_gamma` (checked and used only with decay: step)."""
     step_gamma: float = 0.1
     """Factor applied at each step milestone."""
+    target_top1: float | None = None
+    """End the run at the first end-of-epoch evaluation whose val top-1 (a fraction: 0.98) reaches this; its
+    checkpoint, summary and registration are those of a normal end. None: train every epoch."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -167,6 +170,8 @@ class ScheduleConfig:
                      "step_milestones", self.step_milestones,
                      f"must be strictly increasing epochs between 1 and epochs-1={self.epochs - 1}")
         _require(0 < self.step_gamma < 1, "step_gamma", self.step_gamma, "must be in (0, 1)")
+        _require(self.target_top1 is None or 0 < self.target_top1 <= 1, "target_top1", self.target_top1,
+                 "must be a fraction in (0, 1] (0.98 for 98%)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,9 +258,15 @@ class TrackingConfig:
     """The version tag the promotion gate compares."""
     promote_min: float | None = None
     """The floor the gate requires of `promote_metric`; None: no floor."""
+    top1_thresholds: tuple[float, ...] = (0.5, 0.7, 0.75, 0.76, 0.78, 0.9, 0.95, 0.98)
+    """Val top-1 levels whose time to accuracy the run records (elapsed time and device-hours of the first
+    evaluation reaching each; schedule.target_top1 is always one), in metrics, summary.json and MLflow."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
+        thresholds = list(self.top1_thresholds)
+        _require(thresholds == sorted(set(thresholds)) and all(0 < t <= 1 for t in thresholds), "top1_thresholds",
+                 self.top1_thresholds, "must be increasing fractions in (0, 1]")
         _require(self.promote_alias is None or RESERVED_ALIAS.match(self.promote_alias) is None, "promote_alias",
                  self.promote_alias, "is reserved by MLflow (v<number>, latest)")
 

@@ -60,6 +60,11 @@ class Cadence:
         """The learning rate of step `step`."""
         return learning_rate(step, peak_lr=self.peak_lr, steps_per_epoch=self.steps_per_epoch, cfg=self.schedule)
 
+    def reached_target(self, val: dict[str, float]) -> bool:
+        """Whether evaluation scores `val` end the run early (schedule.target_top1)."""
+        target = self.schedule.target_top1
+        return target is not None and "val_top1" in val and val["val_top1"] >= target
+
     def after(self, step: int) -> Due:
         """What falls due once `step` steps are done."""
         end_of_epoch = step % self.steps_per_epoch == 0

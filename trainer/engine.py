@@ -30,6 +30,7 @@ from trainer.preempt import watch_for_preemption
 from trainer.state import Checkpointer
 from trainer.strategy import build_strategy
 from trainer.strategy.single import bare_module
+from trainer.time_to_accuracy import TimeToAccuracy
 
 
 def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
@@ -37,6 +38,9 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
     primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue.
     `claimant`: the run that holds checkpoint.url while it trains (one writer per URL; see trainer/lease.py)."""
+    target = () if cfg.schedule.target_top1 is None else (cfg.schedule.target_top1,)
+    clock = TimeToAccuracy(thresholds=tuple(sorted({*cfg.tracking.top1_thresholds, *target})),
+                           world_size=ctx.world_size)  # the run's time counts from here
     seed_everything(cfg.seed)
     apply_device_settings(ctx.device, cfg.precision)
     precision = resolve_precision(cfg.precision, ctx.device)
@@ -73,7 +77,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
                                     extra_meta=extra_meta, lease=lease)
         meter = IntervalMeter(ctx.device, learner.running_stats(), world_size=ctx.world_size,
                               max_nonfinite_steps=cfg.optim.max_nonfinite_steps, preemption=preemption)
-        return train(learner, loaders, cadence, meter, checkpointer, sinks)
+        return train(learner, loaders, cadence, meter, checkpointer, sinks, clock)
 
 
 def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool, sync_batchnorm: bool = False,

@@ -25,6 +25,7 @@ from trainer.precision import Precision
 from trainer.preempt import Preempted
 from trainer.state import Checkpointer
 from trainer.strategy import Strategy
+from trainer.time_to_accuracy import TimeToAccuracy
 
 __all__ = ["Learner", "TrainResult", "TrainingDiverged", "train", "train_step"]
 
@@ -47,6 +48,10 @@ class TrainResult:
     """Wall time of the training steps, evaluation excluded."""
     val: dict[str, float]
     """The last evaluation: val_loss, val_top1, val_top5, val_images (and ema_val_* with an EMA)."""
+    stopped_at_target: bool
+    """The run ended at the first evaluation that reached schedule.target_top1, before its last epoch."""
+    time_to_accuracy: dict[str, dict[str, float]]
+    """Val top-1 threshold ("0.98") -> step, epoch, elapsed_s, device_hours where the run first reached it."""
 
     @property
     def images_per_s(self) -> float:
@@ -131,13 +136,18 @@ class Learner:
 
 
 def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalMeter, checkpointer: Checkpointer,
-          sinks: Sequence[MetricSink]) -> TrainResult:
+          sinks: Sequence[MetricSink], clock: TimeToAccuracy) -> TrainResult:
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, and do what falls
-    due (report, checkpoint, stop); per epoch: evaluate, report, checkpoint. Stops with `Preempted` after a
+    due (report, checkpoint, stop); per epoch: evaluate, report (with the thresholds `clock` saw reached for
+    the first time), checkpoint, and end early at the target accuracy. Stops with `Preempted` after a
     checkpoint at the first report after SIGTERM (reports hold collectives, so all ranks stop together)."""
-    start_step, val = checkpointer.resume()
+    resumed = checkpointer.resume()
+    clock.restore(resumed.meta)
+    start_step, val = resumed.step, resumed.val
     step = start_step
-    for epoch in range(cadence.epoch_of(step), cadence.epochs):
+    # A run that already ended at its target (resumed after that) has nothing left to do.
+    epochs = range(0) if cadence.reached_target(val) else range(cadence.epoch_of(step), cadence.epochs)
+    for epoch in epochs:
         learner.train_mode()
         meter.restart()
         batches = loaders.train.iter_epoch(epoch, start_batch=cadence.first_batch(step))
@@ -159,14 +169,18 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
                 meter.restart()
                 stop = report.stop_requested
             if due.checkpoint or stop:
-                checkpointer.save(step)
+                checkpointer.save(step, progress=clock.state())
             if stop:
                 raise Preempted(f"stopped on SIGTERM at step {step}; resume from {checkpointer.where(step)}")
         val = learner.evaluate(loaders.val)
-        log(sinks, {"epoch": epoch + 1, **val}, step)
-        checkpointer.save(step, val)
+        log(sinks, {"epoch": epoch + 1, **val, **clock.record(val["val_top1"], step=step, epoch=epoch + 1)}, step)
+        checkpointer.save(step, val, progress=clock.state())
+        if cadence.reached_target(val):
+            break
     return TrainResult(epochs=cadence.epochs, start_step=start_step, steps=step, train_images=meter.train_images,
-                       train_time_s=meter.train_time_s, val=val)
+                       train_time_s=meter.train_time_s, val=val,
+                       stopped_at_target=cadence.reached_target(val) and step < cadence.total_steps,
+                       time_to_accuracy=clock.reached)
 
 
 def progress(report: IntervalReport, *, step: int, lr: float, cadence: Cadence, meter: IntervalMeter,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -164,6 +164,21 @@ def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strateg
 
 
 @dataclass(frozen=True, slots=True)
+class Resumed:
+    """Where a start resumes: the committed step loaded, or a fresh start."""
+
+    step: int = 0
+    """The step to continue from (0: a fresh run)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """That step's manifest meta (empty for a fresh run)."""
+
+    @property
+    def val(self) -> dict[str, float]:
+        """The validation scores saved with the step (empty unless it ended an epoch)."""
+        return {k: v for k, v in self.meta.items() if k.startswith(("val_", "ema_val_"))}
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpointer:
     """The run's side of its checkpoints: `resume()` at start-up (which makes every start a resume) and
     `save(step)` with the manifest facts, announced to the sinks. Without a checkpoint URL both do nothing."""
@@ -189,13 +204,13 @@ class Checkpointer:
     lease: WriterLease | None = None
     """On the primary process: the run's hold on the checkpoint URL, checked before each save."""
 
-    def resume(self) -> tuple[int, dict[str, float]]:
+    def resume(self) -> Resumed:
         """Load the newest good committed step if there is one (refusing one that does not fit this run);
-        return the step to continue from (0 for a fresh run) and the validation scores saved with it. A step
+        return the step to continue from (0 for a fresh run) and what was saved with it. A step
         whose files fail their check (hash, weights-only load) is reported and the one before it is tried;
         all ranks agree on the step. None loading at all is an error: nothing is overwritten then."""
         if self.manager is None:
-            return 0, {}
+            return Resumed()
         committed = self.manager.committed()
         problems = []
         for manifest in reversed(committed):
@@ -205,7 +220,7 @@ class Checkpointer:
             failed = torch.tensor(float(problem is not None), device=self.ctx.device)
             if not all_reduce_max(failed).item():
                 load_state(self.manager, manifest, self.strategy, self.ema, self.ctx, files=files)
-                return manifest.step, {k: v for k, v in manifest.meta.items() if k.startswith(("val_", "ema_val_"))}
+                return Resumed(step=manifest.step, meta=manifest.meta)
             problem = problem or "another rank found a file of this step damaged"
             problems.append(problem)
             if self.ctx.is_primary:
@@ -217,15 +232,17 @@ class Checkpointer:
         if problems:
             raise CheckpointCorrupt(f"no committed checkpoint under {self.manager.storage.url} loads: "
                                     + "; ".join(problems))
-        return 0, {}
+        return Resumed()
 
-    def save(self, step: int, val: dict[str, float] | None = None) -> None:
-        """Write and commit checkpoint `step` on every rank (with `val`, the epoch's scores, when it ends one)."""
+    def save(self, step: int, val: dict[str, float] | None = None, *, progress: dict[str, Any] | None = None) -> None:
+        """Write and commit checkpoint `step` on every rank (with `val`, the epoch's scores, when it ends one,
+        and `progress`, run state that the loop keeps in the manifest meta, such as its time to accuracy)."""
         if self.manager is None:
             return
         check_writer_lease(self.lease, self.ctx)  # a run that was taken over stops here, writing nothing
         meta = checkpoint_meta(self.cfg, step=step, steps_per_epoch=self.steps_per_epoch,
                                global_batch_size=self.global_batch_size, world_size=self.ctx.world_size, val=val)
+        meta.update(progress or {})
         if self.extra_meta is not None:
             meta.update(self.extra_meta())
         save_state(self.manager, step, self.strategy, self.ema, self.ctx, meta=meta)

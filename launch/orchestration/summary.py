@@ -56,6 +56,11 @@ class RunSummary:
     happened. A run with one exits with `TrackingIncomplete`'s status."""
     wall_time_s: float = field(default=0.0)
     """Wall time of this process's whole attempt, start-up and evaluation included."""
+    stopped_at_target: bool = False
+    """The run ended before its last epoch, at the first evaluation that reached schedule.target_top1."""
+    time_to_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Val top-1 threshold ("0.98") -> step, epoch, elapsed_s and device_hours where the run first reached it
+    (elapsed time of the attempts that led there; see trainer/time_to_accuracy.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The summary.json record."""
@@ -92,7 +97,8 @@ class RunSummary:
         rows = [
             ("model", self.model),
             ("device", f"{self.device} x {self.world_size}"),
-            ("epochs / steps", f"{self.epochs} / {self.steps}"),
+            ("epochs / steps", f"{self.epochs} / {self.steps}" + (", stopped at the val top-1 target" if
+                                                                  self.stopped_at_target else "")),
             ("train images/s", f"{self.images_per_s:.1f}"),
             ("train time", f"{self.train_time_s:.1f} s (wall {self.wall_time_s:.1f} s)"),
             ("val top-1", f"{100 * self.val['val_top1']:.2f}% of {int(self.val['val_images'])} images"),
@@ -101,6 +107,11 @@ class RunSummary:
             ("checkpoint", self.checkpoint_url),
             ("run folder", self.run_dir),
         ]
+        if self.time_to_accuracy:  # the three highest levels reached
+            highest = sorted(self.time_to_accuracy.items(), key=lambda item: float(item[0]))[-3:]
+            rows.insert(8, ("time to top-1", "; ".join(
+                f"{100 * float(level):g}% in {at['elapsed_s']:.0f} s, {at['device_hours']:.3g} device-h "
+                f"(epoch {at['epoch']:g})" for level, at in highest)))
         if self.tracking_uri:
             rows.append(("mlflow run", f"{self.mlflow_run_id} at {self.tracking_uri}"))
             rows.append(("registered as", self.model_uri or "not registered (see the messages above)"))

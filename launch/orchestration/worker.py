@@ -55,7 +55,8 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
     summary = RunSummary(
         run_name=str(cfg.launch.name), model=cfg.model.name, device=ctx.device.type, world_size=ctx.world_size,
         epochs=result.epochs, steps=result.steps, images_per_s=result.images_per_s,
-        train_time_s=result.train_time_s, val=result.val,
+        train_time_s=result.train_time_s, val=result.val, stopped_at_target=result.stopped_at_target,
+        time_to_accuracy=result.time_to_accuracy,
         checkpoint_url=open_checkpoints(cfg.checkpoint.url).url(result.steps), run_dir=str(run_dir))
     if tracker is not None:
         summary = _finish_tracking(cfg, tracker, summary)

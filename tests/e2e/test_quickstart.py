@@ -51,6 +51,9 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
         "manifest.json", "model.pt", "rank_0.pt", "rank_1.pt", "train_state.pt"]
     assert summary["val_top1"] > 0.5  # 3 epochs of ResNet-18 on digits; chance is 10%
     assert f"{100 * summary['val_top1']:.2f}%" in out
+    reached = summary["time_to_accuracy"]["0.5"]  # when the run first reached 50%, across its attempts
+    assert 0 < reached["elapsed_s"] and reached["device_hours"] == pytest.approx(2 * reached["elapsed_s"] / 3600)
+    assert "time to top-1" in out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == steps and lines[-1]["val_top1"] == summary["val_top1"]
 

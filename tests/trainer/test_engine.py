@@ -12,6 +12,7 @@ import trainer
 from configs import IncompatibleSettings, load_config
 from configs.schema import DataConfig, PrecisionConfig
 from data_pipeline import build_loaders
+from trainer.checkpoint import open_checkpoints
 from trainer.dist import single_process_context
 from trainer.evaluate import evaluate
 from trainer import TrainingDiverged
@@ -86,7 +87,9 @@ def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: P
     # Decoding in the main process (num_workers=0) keeps the step waiting for data part of the time.
     assert all(0 < m["data_wait_share"] < 1 for _, m in train_reports)
     step, val = sink.reports[-1]
+    reached = {key: val.pop(key) for key in list(val) if key.startswith(("time_to_top1_", "device_hours_to_top1_"))}
     assert step == 22 and val == {"epoch": 1, **result.val} and result.val["val_images"] == 355
+    assert len(reached) == 2 * len(result.time_to_accuracy)  # the levels of tracking.top1_thresholds it reached
     # One epoch at 16 px learns something; chance is 10%.
     assert result.val["val_top1"] > 0.15
 
@@ -176,3 +179,42 @@ def test_a_non_finite_step_leaves_the_weight_average_finite(digits_root: Path, t
     assert [m["nonfinite_losses"] for _, m in sink.reports if "loss" in m][0] == 1.0  # the fault happened
     assert math.isfinite(result.val["val_loss"])
     assert math.isfinite(result.val["ema_val_loss"]) is rolled_back
+
+
+def test_a_run_ends_at_its_target_accuracy_and_records_when_it_reached_each_level(digits_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    overrides = [*quick_overrides(digits_root, tmp_path), "schedule.epochs=5", f"checkpoint.url={tmp_path / 'ckpt'}",
+                 "tracking.top1_thresholds=[0.15,0.999]"]
+    cfg = load_config("quickstart", [*overrides, "schedule.target_top1=0.3"])
+    sink = RecordingSink()
+    result = trainer.run(cfg, single_process_context(), [sink])
+    evaluations = [(step, m) for step, m in sink.reports if "val_top1" in m]
+    # It stopped at the first evaluation that reached 30%, before the schedule's end, with its checkpoint.
+    assert result.stopped_at_target and result.steps == 22 * len(evaluations) < 5 * 22
+    assert [m["val_top1"] >= 0.3 for _, m in evaluations] == [False] * (len(evaluations) - 1) + [True]
+    latest = open_checkpoints(str(tmp_path / "ckpt")).latest()
+    assert latest is not None and latest.step == result.steps
+    # Each level once, at the first evaluation reaching it; the target is always one; 99.9% never came.
+    assert set(result.time_to_accuracy) == {"0.15", "0.3"}
+    for level, at in result.time_to_accuracy.items():
+        first = next(step for step, m in evaluations if m["val_top1"] >= float(level))
+        assert at["step"] == first and at["epoch"] == first // 22 and 0 < at["elapsed_s"]
+        assert at["device_hours"] == pytest.approx(at["elapsed_s"] / 3600)  # one process
+        name = f"{100 * float(level):g}"
+        assert [step for step, m in evaluations if f"time_to_top1_{name}_s" in m] == [first]
+    assert latest.meta["time_to_accuracy"]["reached"] == result.time_to_accuracy
+
+    # Resumed after it ended at its target: nothing left to do.
+    again = trainer.run(cfg, single_process_context(), [])
+    assert (again.steps, again.train_images, again.stopped_at_target) == (result.steps, 0, True)
+    assert again.time_to_accuracy == result.time_to_accuracy
+    # Negative control: without the target it trains on (one more epoch here), and the run's clock goes on
+    # from the checkpoint's, keeping the levels it had reached.
+    extended = load_config("quickstart", [*overrides[:-3], f"schedule.epochs={result.steps // 22 + 1}",
+                                          *overrides[-2:]])
+    more = trainer.run(extended, single_process_context(), [])
+    assert more.steps == result.steps + 22 and not more.stopped_at_target
+    assert {k: v for k, v in more.time_to_accuracy.items() if k in result.time_to_accuracy} == result.time_to_accuracy
+    final = open_checkpoints(str(tmp_path / "ckpt")).latest()
+    assert final is not None
+    assert final.meta["time_to_accuracy"]["elapsed_s"] > latest.meta["time_to_accuracy"]["elapsed_s"]
