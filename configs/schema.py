@@ -76,13 +76,18 @@ class DataConfig:
     reader_lookahead: int = 4
     """dali: batches read ahead of the pipeline's requests by the reader threads."""
     image_size: int = 224
-    """Side of the square crops the model sees, in training and in validation."""
+    """Side of the square crops the model trains on (and is validated on unless val_image_size is set)."""
+    val_image_size: int | None = None
+    """Side of the validation crops, which is also the size the registered and exported model takes; None:
+    image_size. A network trained at low resolution scores best evaluated somewhat higher (FixRes, Touvron
+    et al. 2019: train 160, evaluate 224)."""
     min_crop_area: float = 0.08
     """Smallest fraction of the image area a training random-resized crop keeps (Inception-style)."""
     random_flip: bool = True
     """Flip training images horizontally with probability 1/2."""
     val_crop_ratio: float = 0.875
-    """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops image_size."""
+    """Validation resizes the shorter side to S / val_crop_ratio, then centre-crops S (S: the validation
+    crop size, `crop_size(train=False)`)."""
     synthetic_images: int = 1_281_167
     """Training images per epoch of the synthetic data set (ImageNet's count); its validation set is one
     batch per worker."""
@@ -96,10 +101,16 @@ class DataConfig:
         _require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")
         _require(self.reader_lookahead >= 1, "reader_lookahead", self.reader_lookahead, "must be >= 1")
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _require(self.val_image_size is None or self.val_image_size >= 8, "val_image_size", self.val_image_size,
+                 "must be >= 8")
         _require(0 < self.min_crop_area <= 1, "min_crop_area", self.min_crop_area, "must be in (0, 1]")
         _require(0 < self.val_crop_ratio <= 1, "val_crop_ratio", self.val_crop_ratio, "must be in (0, 1]")
         _require(self.synthetic_images >= 1, "synthetic_images", self.synthetic_images, "must be >= 1")
         _require(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "must be >= 2")
+
+    def crop_size(self, *, train: bool) -> int:
+        """Side of the images a training or a validation batch holds."""
+        return self.image_size if train or self.val_image_size is None else self.val_image_size
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

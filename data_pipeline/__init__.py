@@ -104,9 +104,9 @@ def build_synthetic_loaders(cfg: DataConfig, *, seed: int, world_size: int, devi
 
     global_batch_size = cfg.batch_size * world_size
     return Loaders(
-        train=SyntheticLoader(cfg, num_batches=cfg.synthetic_images // global_batch_size, seed=seed, device=device,
-                              dtype=dtype),
-        val=SyntheticLoader(cfg, num_batches=1, seed=seed, device=device, dtype=dtype),
+        train=SyntheticLoader(cfg, train=True, num_batches=cfg.synthetic_images // global_batch_size, seed=seed,
+                              device=device, dtype=dtype),
+        val=SyntheticLoader(cfg, train=False, num_batches=1, seed=seed, device=device, dtype=dtype),
         classes=tuple(f"class_{i}" for i in range(cfg.synthetic_classes)),
         num_train_images=cfg.synthetic_images,
         num_val_images=global_batch_size,

@@ -127,7 +127,7 @@ class DaliLoader:
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
             images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
                                              output_type=types.RGB, adjust_orientation=False)
-            images = fn.resize(images, size=[self.cfg.image_size] * 2, interp_type=types.INTERP_LINEAR,
+            images = fn.resize(images, size=[self.cfg.crop_size(train=self.train)] * 2, interp_type=types.INTERP_LINEAR,
                                antialias=True)
             images = fn.crop_mirror_normalize(
                 images, mirror=mirror, output_layout="HWC",

@@ -16,10 +16,10 @@ from configs.schema import DataConfig
 class SyntheticLoader:
     """`num_batches` per epoch of the same (images, labels) tensors, channels-last `dtype` on `device`."""
 
-    def __init__(self, cfg: DataConfig, *, num_batches: int, seed: int, device: torch.device,
+    def __init__(self, cfg: DataConfig, *, train: bool, num_batches: int, seed: int, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
         generator = torch.Generator().manual_seed(seed)
-        shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        shape = (cfg.batch_size, 3, cfg.crop_size(train=train), cfg.crop_size(train=train))
         self.images = torch.randn(shape, generator=generator).to(device, dtype, memory_format=torch.channels_last)
         self.labels = torch.randint(0, cfg.synthetic_classes, (cfg.batch_size,), generator=generator).to(device)
         self.num_batches = num_batches

@@ -36,7 +36,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         with Image.open(self.index.root / sample.path) as image:
             crop = crop_for(image.width, image.height, self.cfg, train=self.train, seed=seed)
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
-            size = (self.cfg.image_size, self.cfg.image_size)
+            size = (self.cfg.crop_size(train=self.train),) * 2
             # One resampling of the window (PIL filters with antialiasing when it shrinks).
             resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box)
         if crop.flip:

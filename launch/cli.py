@@ -210,8 +210,9 @@ def export(args: argparse.Namespace) -> None:
 
     trained = _load_trained(args.source, args.tracking_uri)
     written = export_trained(trained, Path(args.out))
+    size = trained.cfg.data.crop_size(train=False)
     print(f"{trained.source}:\n  state dict  {written['state_dict']}\n  torch.export  {written['program']} "
-          f"(float32 [N, 3, {trained.cfg.data.image_size}, {trained.cfg.data.image_size}], normalised "
+          f"(float32 [N, 3, {size}, {size}], normalised "
           "with the ImageNet mean/std, -> logits)")
 
 

@@ -90,7 +90,7 @@ def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    batches = SyntheticLoader(cfg.data, num_batches=(rounds + 1) * steps, seed=cfg.seed,
+    batches = SyntheticLoader(cfg.data, train=True, num_batches=(rounds + 1) * steps, seed=cfg.seed,
                               device=device).iter_epoch(0)
     model.train()
 

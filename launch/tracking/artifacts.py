@@ -117,7 +117,7 @@ def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
     network = prepare_model(trained.network, torch.device("cpu"), channels_last=False).eval()
     state = out / "model.pt"
     torch.save(network.state_dict(), state)
-    size = trained.cfg.data.image_size
+    size = trained.cfg.data.crop_size(train=False)
     example = torch.randn(2, 3, size, size)
     program = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     exported = out / "model.pt2"

@@ -2,8 +2,8 @@
 
 A registered version holds two things:
 - `model/`: an MLflow pytorch model in the pt2 (torch.export) format, no pickle. It takes what an image
-  library gives, uint8 RGB images of shape [N, S, S, 3] (S = data.image_size: resize or centre-crop first),
-  normalises them as training did and returns class ids [N] (int64).
+  library gives, uint8 RGB images of shape [N, S, S, 3] (S = the validation crop size: data.val_image_size
+  or data.image_size; resize or centre-crop first), normalises them as training did and returns class ids [N] (int64).
   `mlflow.pyfunc.load_model("models:/NAME@production").predict(images)` is all a consumer needs.
 - the run artifacts `weights/step_<n>/model.pt`, the raw state dict, loadable into torchvision's ResNet of
   the same depth (and `trainer.models.build_model` with the same model config) for fine-tuning or logits,
@@ -75,7 +75,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         if version.tags.get("step") == str(meta["step"]):
             return f"models:/{name}/{version.version}"
 
-    size = cfg.data.image_size
+    size = cfg.data.crop_size(train=False)
     classifier = ImageClassifier(network).eval()
     example = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
     with torch.no_grad():

@@ -90,3 +90,19 @@ def test_digits_dataset_is_rendered_at_first_use(tmp_path: Path) -> None:
     loaders = build_loaders(digits_config(tmp_path / "fresh", dataset="digits"), seed=0)
     assert loaders.classes == tuple(str(d) for d in range(10))
     assert (loaders.num_train_images, loaders.num_val_images) == (1442, 355)
+
+
+def test_validation_can_use_another_resolution_than_training(digits_root: Path) -> None:
+    # Train at 16 px, validate at 24 (FixRes): both loaders, the same validation images to rounding.
+    val = {}
+    for loader in ("torch", "dali"):
+        loaders = build_loaders(digits_config(digits_root, loader=loader, image_size=16, val_image_size=24), seed=0)
+        train_images, _ = next(loaders.train.iter_epoch(0))
+        assert train_images.shape[-2:] == (16, 16)
+        val[loader] = torch.cat([images for images, _ in loaders.val.iter_epoch(0)])
+        assert val[loader].shape == (355, 3, 24, 24)
+    per_image = (val["dali"] - val["torch"]).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 0.03  # decoder/resampler rounding (see test_dali)
+    # Without val_image_size, validation uses the training size.
+    at_train_size = build_loaders(digits_config(digits_root, image_size=16), seed=0).val
+    assert next(at_train_size.iter_epoch(0))[0].shape[-2:] == (16, 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from trainer.evaluate import evaluate
 from trainer import TrainingDiverged
 from trainer.models import resnet18
 from trainer.precision import resolve_precision
+from trainer.serialize import from_bytes
 
 
 class RecordingSink:
@@ -218,3 +220,22 @@ def test_a_run_ends_at_its_target_accuracy_and_records_when_it_reached_each_leve
     final = open_checkpoints(str(tmp_path / "ckpt")).latest()
     assert final is not None
     assert final.meta["time_to_accuracy"]["elapsed_s"] > latest.meta["time_to_accuracy"]["elapsed_s"]
+
+
+def test_a_run_trained_at_one_size_is_evaluated_at_another(digits_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.val_image_size=24",
+                                     f"checkpoint.url={tmp_path / 'ckpt'}"])
+    result = trainer.run(cfg, single_process_context(), [])
+    manager = open_checkpoints(str(tmp_path / "ckpt"))
+    latest = manager.latest()
+    assert latest is not None
+    model = resnet18(num_classes=10, small_input=True)
+    model.load_state_dict(from_bytes(manager.read_verified(latest, "model.pt")))
+    precision = resolve_precision(cfg.precision, torch.device("cpu"))
+
+    def scores(size: int) -> dict[str, float]:
+        loader = build_loaders(dataclasses.replace(cfg.data, val_image_size=size), seed=0).val
+        return evaluate(model, loader, precision, channels_last=cfg.precision.channels_last)
+
+    # The run's evaluation is that of its weights at 24 px, not at the 16 px it trained at.
+    assert result.val == scores(24) and result.val != scores(16)
