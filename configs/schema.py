@@ -85,6 +85,9 @@ class DataConfig:
     """Smallest fraction of the image area a training random-resized crop keeps (Inception-style)."""
     random_flip: bool = True
     """Flip training images horizontally with probability 1/2."""
+    val_flip_average: bool = False
+    """Validation scores each image and its mirror image and averages the logits (test-time augmentation, as
+    in FFCV's ResNet recipes): about twice the evaluation compute. The served model does not do it."""
     val_crop_ratio: float = 0.875
     """Validation resizes the shorter side to S / val_crop_ratio, then centre-crops S (S: the validation
     crop size, `crop_size(train=False)`)."""

@@ -63,7 +63,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
                               micro_batch_size=cfg.data.batch_size, accumulation_steps=accumulation_steps)
     learner = Learner(strategy=strategy, ema=ema, precision=precision,
                       criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
-                      channels_last=cfg.precision.channels_last, accumulation_steps=accumulation_steps)
+                      channels_last=cfg.precision.channels_last, accumulation_steps=accumulation_steps,
+                      flip_average=cfg.data.val_flip_average)
     cadence = Cadence(schedule=cfg.schedule, steps_per_epoch=len(loaders.train) // accumulation_steps,
                       accumulation_steps=accumulation_steps, peak_lr=peak_lr,
                       log_interval_steps=cfg.tracking.log_interval_steps,

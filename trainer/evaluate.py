@@ -11,9 +11,11 @@ from trainer.precision import Precision
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels_last: bool) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels_last: bool,
+             flip_average: bool = False) -> dict[str, float]:
     """Mean cross-entropy (without label smoothing), top-1 and top-5 accuracy over every image of every rank's
-    `loader`: counts are summed over ranks, so each image counts once however the shards fall."""
+    `loader`: counts are summed over ranks, so each image counts once however the shards fall. With
+    `flip_average`, the logits are the mean of the image's and its mirror image's (test-time augmentation)."""
     device = precision.device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     was_training = model.training
@@ -24,8 +26,10 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with precision.autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if flip_average:
+                mirrored = images.flip(3).contiguous(memory_format=memory_format)
+                logits = (logits + model(mirrored).float()) / 2
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         totals += torch.stack([

@@ -91,6 +91,8 @@ class Learner:
     """Whether inputs go to the model in NHWC."""
     accumulation_steps: int
     """Micro-batches per optimiser step."""
+    flip_average: bool = False
+    """Evaluate on each image and its mirror image, averaging the logits (data.val_flip_average)."""
 
     def running_stats(self) -> list[torch.Tensor]:
         """The floating buffers of the model and of its weight average: their BatchNorm running averages, which
@@ -127,10 +129,12 @@ class Learner:
     def evaluate(self, loader: Loader) -> dict[str, float]:
         """Scores of the model (and of the weight average, as ema_*) over the whole validation set."""
         self.strategy.sync_buffers()
-        val = evaluate(self.strategy.unwrapped(), loader, self.precision, channels_last=self.channels_last)
+        val = evaluate(self.strategy.unwrapped(), loader, self.precision, channels_last=self.channels_last,
+                       flip_average=self.flip_average)
         if self.ema is not None:
             self.ema.sync_buffers()
-            ema_val = evaluate(self.ema.module, loader, self.precision, channels_last=self.channels_last)
+            ema_val = evaluate(self.ema.module, loader, self.precision, channels_last=self.channels_last,
+                               flip_average=self.flip_average)
             val.update({f"ema_{name}": value for name, value in ema_val.items() if name != "val_images"})
         return val
 

@@ -107,7 +107,7 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
                                    f"{trained.cfg.model.num_classes}")
     channels_last = trained.cfg.precision.channels_last
     network = prepare_model(trained.network, device, channels_last=channels_last)
-    return evaluate(network, loaders.val, precision, channels_last=channels_last)
+    return evaluate(network, loaders.val, precision, channels_last=channels_last, flip_average=data.val_flip_average)
 
 
 def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
