@@ -77,6 +77,17 @@ class DataConfig:
     """dali: batches read ahead of the pipeline's requests by the reader threads."""
     image_size: int = 224
     """Side of the square crops the model trains on (and is validated on unless val_image_size is set)."""
+    progressive_start_size: int | None = None
+    """Progressive resizing: the training crop side of the first epochs, which grows linearly to image_size
+    from progressive_start_epoch to progressive_end_epoch, in steps of progressive_multiple (FFCV's ResNet
+    recipes: 160 to 192). The batch size and the learning-rate schedule stay as they are. None: image_size
+    throughout."""
+    progressive_start_epoch: int = 0
+    """The last epoch trained at progressive_start_size (0-based); the ramp starts after it."""
+    progressive_end_epoch: int = 0
+    """The first epoch trained at image_size (0-based)."""
+    progressive_multiple: int = 32
+    """Sizes on the ramp are rounded to a multiple of this."""
     val_image_size: int | None = None
     """Side of the validation crops, which is also the size the registered and exported model takes; None:
     image_size. A network trained at low resolution scores best evaluated somewhat higher (FixRes, Touvron
@@ -106,14 +117,31 @@ class DataConfig:
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(self.val_image_size is None or self.val_image_size >= 8, "val_image_size", self.val_image_size,
                  "must be >= 8")
+        _require(self.progressive_multiple >= 1, "progressive_multiple", self.progressive_multiple, "must be >= 1")
+        if self.progressive_start_size is not None:
+            _require(8 <= self.progressive_start_size, "progressive_start_size", self.progressive_start_size,
+                     "must be >= 8")
+            _require(0 <= self.progressive_start_epoch < self.progressive_end_epoch, "progressive_end_epoch",
+                     self.progressive_end_epoch,
+                     f"must be after progressive_start_epoch={self.progressive_start_epoch} (>= 0)")
         _require(0 < self.min_crop_area <= 1, "min_crop_area", self.min_crop_area, "must be in (0, 1]")
         _require(0 < self.val_crop_ratio <= 1, "val_crop_ratio", self.val_crop_ratio, "must be in (0, 1]")
         _require(self.synthetic_images >= 1, "synthetic_images", self.synthetic_images, "must be >= 1")
         _require(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "must be >= 2")
 
-    def crop_size(self, *, train: bool) -> int:
-        """Side of the images a training or a validation batch holds."""
-        return self.image_size if train or self.val_image_size is None else self.val_image_size
+    def crop_size(self, *, train: bool, epoch: int | None = None) -> int:
+        """Side of the images a validation batch holds, or a training batch of `epoch` (progressive resizing;
+        without an epoch: image_size, where training ends)."""
+        if not train:
+            return self.image_size if self.val_image_size is None else self.val_image_size
+        start, end = self.progressive_start_epoch, self.progressive_end_epoch
+        if self.progressive_start_size is None or epoch is None or epoch >= end:
+            return self.image_size
+        if epoch <= start:
+            return self.progressive_start_size
+        size = self.progressive_start_size + (self.image_size - self.progressive_start_size) * (epoch - start) / (
+            end - start)
+        return max(8, round(size / self.progressive_multiple) * self.progressive_multiple)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,7 @@ windows. DALI still decodes only the window (`decoders.image_slice`, ROI decodin
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,8 +29,9 @@ from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-SourceBatch = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
-"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips."""
+SourceBatch = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips, and
+output sizes (the same for the whole batch: the epoch's, with progressive resizing)."""
 
 
 class BatchReader:
@@ -38,19 +40,20 @@ class BatchReader:
     collects finished batches; with `num_threads=0` on the calling thread. The batches and their order are
     the same either way: only where the work happens differs."""
 
-    def __init__(self, read: Callable[[list[SampleKey]], SourceBatch], *, num_threads: int, lookahead: int) -> None:
-        self.read = read
+    def __init__(self, *, num_threads: int, lookahead: int) -> None:
+        self.read: Callable[[list[SampleKey]], SourceBatch] = lambda keys: ([], [], [], [], [])
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="dali-reader") if num_threads else None
         self.keys: Iterator[list[SampleKey]] = iter(())
         self.ahead: deque[tuple[list[SampleKey], Future[SourceBatch]]] = deque()
 
-    def start(self, keys: Iterator[list[SampleKey]]) -> None:
-        """Read the batches of `keys` next; what was read ahead of another position is dropped."""
+    def start(self, keys: Iterator[list[SampleKey]], read: Callable[[list[SampleKey]], SourceBatch]) -> None:
+        """Read the batches of `keys` with `read` next; what was read ahead of another position is dropped."""
         for _, future in self.ahead:
             future.cancel()
         self.ahead.clear()
         self.keys = keys
+        self.read = read
         self._fill()
 
     def next(self) -> tuple[list[SampleKey], SourceBatch]:
@@ -106,7 +109,7 @@ class DaliLoader:
         self.dtype = dtype
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
                                            world_size=world_size, seed=seed, train=train)
-        self.reader = BatchReader(self._read_batch, num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
+        self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
         self._in_flight: deque[list[SampleKey]] = deque()
         self.pipeline = self._build_pipeline(seed)
 
@@ -121,14 +124,13 @@ class DaliLoader:
         pipeline = dali.Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
                                  device_id=dali_device_id(self.device), seed=seed, prefetch_queue_depth=2)
         with pipeline:
-            encoded, start, shape, mirror = fn.external_source(
-                source=self._next_batch, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT32, types.INT32,
-                                                                         types.INT32])
+            encoded, start, shape, mirror, size = fn.external_source(
+                source=self._next_batch, num_outputs=5, batch=True,
+                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT])
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
             images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
                                              output_type=types.RGB, adjust_orientation=False)
-            images = fn.resize(images, size=[self.cfg.crop_size(train=self.train)] * 2, interp_type=types.INTERP_LINEAR,
-                               antialias=True)
+            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(
                 images, mirror=mirror, output_layout="HWC",
                 dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
@@ -144,8 +146,9 @@ class DaliLoader:
         self._in_flight.append(keys)
         return batch
 
-    def _read_batch(self, keys: list[SampleKey]) -> SourceBatch:
-        """The encoded files, crop windows and flips of one batch (on a reader thread)."""
+    def _read_batch(self, keys: list[SampleKey], *, size: int) -> SourceBatch:
+        """The encoded files, crop windows and flips of one batch, to be resized to `size` (on a reader
+        thread)."""
         encoded: list[np.ndarray] = []
         starts: list[np.ndarray] = []
         shapes: list[np.ndarray] = []
@@ -157,11 +160,13 @@ class DaliLoader:
             starts.append(np.array([crop.left, crop.top], dtype=np.int32))
             shapes.append(np.array([crop.width, crop.height], dtype=np.int32))
             mirrors.append(np.array(crop.flip, dtype=np.int32))
-        return encoded, starts, shapes, mirrors
+        sizes = [np.array([size, size], dtype=np.float32)] * len(keys)
+        return encoded, starts, shapes, mirrors, sizes
 
-    def _restart(self, keys: Iterator[list[SampleKey]]) -> None:
-        """Discard what an unfinished epoch left in flight, then make `keys` the pipeline's next epoch."""
-        self.reader.start(iter(()))
+    def _restart(self, keys: Iterator[list[SampleKey]], *, size: int) -> None:
+        """Discard what an unfinished epoch left in flight, then make `keys`, resized to `size`, the pipeline's
+        next epoch."""
+        self.reader.start(iter(()), self._read_batch_of(size))
         while True:
             try:
                 self.pipeline.outputs()
@@ -170,16 +175,20 @@ class DaliLoader:
         self.pipeline.schedule_run()  # lets the source report the end, so that reset() rewinds
         self.pipeline.reset()
         self._in_flight.clear()
-        self.reader.start(keys)
+        self.reader.start(keys, self._read_batch_of(size))
+
+    def _read_batch_of(self, size: int) -> Callable[[list[SampleKey]], SourceBatch]:
+        return functools.partial(self._read_batch, size=size)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of epoch `epoch` from batch `start_batch` on; the same for the same arguments."""
-        return self._batches(self.sampler.batches(epoch, start_batch))
+        return self._batches(self.sampler.batches(epoch, start_batch), size=self.cfg.crop_size(train=self.train,
+                                                                                                epoch=epoch))
 
-    def _batches(self, keys: Iterator[list[SampleKey]]) -> Iterator[Batch]:
+    def _batches(self, keys: Iterator[list[SampleKey]], *, size: int) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray
 
-        self._restart(keys)
+        self._restart(keys, size=size)
         self.pipeline.schedule_run()
         while True:
             try:

@@ -7,12 +7,39 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from configs.schema import DataConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, crop_for
 from data_pipeline.index import SplitIndex
-from data_pipeline.sharding import SampleKey, ShardedBatchSampler
+from data_pipeline.sharding import ShardedBatchSampler
+
+
+SizedKey = tuple[int, int, int]
+"""A `SampleKey` and the side the sample is resized to (its epoch's, with progressive resizing)."""
+
+
+class SizedBatchSampler(Sampler[list[SizedKey]]):
+    """A `ShardedBatchSampler`'s batches with the output size of their epoch in each key (the dataset runs in
+    worker processes, which only see keys)."""
+
+    def __init__(self, sampler: ShardedBatchSampler, cfg: DataConfig, *, train: bool) -> None:
+        self.sampler = sampler
+        self.cfg = cfg
+        self.train = train
+        self.size = cfg.crop_size(train=train, epoch=0)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration yield epoch `epoch` from batch `start_batch` on."""
+        self.sampler.set_position(epoch, start_batch)
+        self.size = self.cfg.crop_size(train=self.train, epoch=epoch)
+
+    def __iter__(self) -> Iterator[list[SizedKey]]:
+        size = self.size
+        return ([(index, seed, size) for index, seed in batch] for batch in self.sampler)
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -30,13 +57,13 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:  # type: ignore[override]
-        index, seed = key
+    def __getitem__(self, key: SizedKey) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        index, seed, side = key
         sample = self.index.samples[index]
         with Image.open(self.index.root / sample.path) as image:
             crop = crop_for(image.width, image.height, self.cfg, train=self.train, seed=seed)
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
-            size = (self.cfg.crop_size(train=self.train),) * 2
+            size = (side, side)
             # One resampling of the window (PIL filters with antialiasing when it shrinks).
             resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box)
         if crop.flip:
@@ -54,7 +81,7 @@ def collate_channels_last(samples: list[tuple[torch.Tensor, int]]) -> tuple[torc
 class TorchLoader:
     """A DataLoader over a `ShardedBatchSampler`: `iter_epoch(epoch, start_batch)` yields one rank's batches."""
 
-    def __init__(self, dataloader: DataLoader, sampler: ShardedBatchSampler) -> None:
+    def __init__(self, dataloader: DataLoader, sampler: SizedBatchSampler) -> None:
         self.dataloader = dataloader
         self.sampler = sampler
 
@@ -73,8 +100,8 @@ def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed:
     training; in order and keeping every image exactly once otherwise (see `sharding`). Batches are
     channels-last `dtype` images and int64 labels."""
     dataset = ImageDataset(index, cfg, train=train, dtype=dtype)
-    sampler = ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, train=train)
+    sampler = SizedBatchSampler(ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank,
+                                                    world_size=world_size, seed=seed, train=train), cfg, train=train)
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,

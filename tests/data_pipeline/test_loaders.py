@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.schema import DataConfig
+from configs.schema import DataConfig, InvalidValue
 from data_pipeline import DatasetError, build_loaders
 from data_pipeline.prepare import read_index
 
@@ -106,3 +106,28 @@ def test_validation_can_use_another_resolution_than_training(digits_root: Path) 
     # Without val_image_size, validation uses the training size.
     at_train_size = build_loaders(digits_config(digits_root, image_size=16), seed=0).val
     assert next(at_train_size.iter_epoch(0))[0].shape[-2:] == (16, 16)
+
+
+def test_progressive_resizing_gives_each_epoch_its_size() -> None:
+    cfg = DataConfig(image_size=192, progressive_start_size=160, progressive_start_epoch=2, progressive_end_epoch=6,
+                     progressive_multiple=8)
+    # Epochs 0-2 at the start size, a linear ramp in multiples of 8, then image_size from epoch 6 on.
+    assert [cfg.crop_size(train=True, epoch=epoch) for epoch in range(8)] == [160, 160, 160, 168, 176, 184, 192, 192]
+    assert cfg.crop_size(train=False) == cfg.crop_size(train=True) == 192  # validation and the final size
+    rounded = dataclasses.replace(cfg, progressive_multiple=32)  # FFCV's rounding: to the nearer multiple
+    assert [rounded.crop_size(train=True, epoch=epoch) for epoch in range(2, 7)] == [160, 160, 192, 192, 192]
+    with pytest.raises(InvalidValue, match="progressive_end_epoch=2: must be after progressive_start_epoch=2"):
+        dataclasses.replace(cfg, progressive_end_epoch=2)
+
+
+def test_both_loaders_train_each_epoch_at_its_progressive_size(digits_root: Path) -> None:
+    changes = {"image_size": 16, "progressive_start_size": 8, "progressive_end_epoch": 2, "progressive_multiple": 4}
+    first: dict[str, torch.Tensor] = {}
+    for loader in ("torch", "dali"):
+        loaders = build_loaders(digits_config(digits_root, loader=loader, **changes), seed=0)
+        sizes = [next(loaders.train.iter_epoch(epoch, start_batch=3))[0].shape[-1] for epoch in range(4)]
+        assert sizes == [8, 12, 16, 16]
+        assert next(loaders.val.iter_epoch(0))[0].shape[-1] == 16
+        first[loader] = next(loaders.train.iter_epoch(1))[0]
+    # The same images at 12 px from both, to decoder/resampler rounding (see test_dali).
+    assert (first["dali"] - first["torch"]).abs().mean(dim=(1, 2, 3)).max() < 0.03

@@ -236,3 +236,25 @@ def test_when_no_committed_step_loads_the_run_stops_and_names_them(
     # Nothing was deleted or overwritten: both steps are kept aside for a person to look at.
     assert open_checkpoints(str(copy)).committed() == []
     assert len(list(copy.glob("step_*.damaged-*/train_state.pt"))) == 2
+
+
+# Epoch 0 at 8 px, epoch 1 at 12: the crash (step 30) and the resume (from step 28) fall after the change.
+PROGRESSIVE = ["data.image_size=12", "data.progressive_start_size=8", "data.progressive_end_epoch=1",
+               "data.progressive_multiple=4"]
+
+
+def test_resume_mid_epoch_after_a_progressive_size_change_is_exact(digits_root: Path, tmp_path: Path) -> None:
+    trainer.run(config(digits_root, tmp_path / "whole", *PROGRESSIVE), single_process_context(), [])
+    with pytest.raises(Interrupt):
+        trainer.run(config(digits_root, tmp_path / "resumed", *PROGRESSIVE), single_process_context(), [CrashAt(30)])
+    result = trainer.run(config(digits_root, tmp_path / "resumed", *PROGRESSIVE), single_process_context(), [])
+    assert result.start_step == 28 and result.steps == 44
+    assert_same_state(final_state(tmp_path / "resumed")[1], final_state(tmp_path / "whole")[1])
+    # Negative control: resumed with a schedule that keeps epoch 1 at 8 px, the weights differ.
+    with pytest.raises(Interrupt):
+        trainer.run(config(digits_root, tmp_path / "other", *PROGRESSIVE), single_process_context(), [CrashAt(30)])
+    slower = [*PROGRESSIVE, "data.progressive_end_epoch=5"]
+    assert config(digits_root, tmp_path, *slower).data.crop_size(train=True, epoch=1) == 8
+    trainer.run(config(digits_root, tmp_path / "other", *slower), single_process_context(), [])
+    other, whole = final_state(tmp_path / "other")[1], final_state(tmp_path / "whole")[1]
+    assert not torch.equal(other["fc.weight"], whole["fc.weight"])
