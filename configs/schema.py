@@ -192,8 +192,9 @@ class ScheduleConfig:
     """Passes over the training set."""
     warmup_epochs: float = 5.0
     """Linear warm-up from 0 to the peak lr over this many epochs (counted in iterations)."""
-    decay: Literal["cosine", "step"] = "cosine"
-    """After warm-up: cosine to zero at the last iteration, or step decay at `step_milestones`."""
+    decay: Literal["cosine", "linear", "step"] = "cosine"
+    """After warm-up: cosine or a straight line to zero at the last iteration (linear: FFCV's "cyclic"
+    schedule), or step decay at `step_milestones`."""
     step_milestones: tuple[int, ...] = (30, 60, 80)
     """Epochs at which step decay multiplies the lr by `step_gamma` (checked and used only with decay: step)."""
     step_gamma: float = 0.1

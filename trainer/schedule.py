@@ -1,4 +1,4 @@
-"""Per-iteration learning rate: linear warm-up, then cosine or step decay."""
+"""Per-iteration learning rate: linear warm-up, then cosine, linear or step decay."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def learning_rate(step: int, *, peak_lr: float, steps_per_epoch: int, cfg: Sched
     if step < warmup_steps:
         # (step + 1) so that the first step already moves the weights.
         return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if cfg.decay == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.decay == "linear":
+        return peak_lr * (1.0 - progress)
     epoch = step / steps_per_epoch
     return peak_lr * cfg.step_gamma ** bisect.bisect_right(cfg.step_milestones, epoch)

@@ -22,7 +22,8 @@ def test_the_recipes_the_readme_lists_are_shipped() -> None:
     assert set(RECIPES) >= {
         "quickstart", "resnet18-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-64gpu",
         "resnet50-imagenet-lars-32k-64gpu", "resnet50-imagenet-zero1-8gpu", "resnet101-imagenet-90ep-8gpu",
-        "resnet152-imagenet-90ep-8gpu", "resnet50-synthetic-bench-1gpu"}
+        "resnet152-imagenet-90ep-8gpu", "resnet50-synthetic-bench-1gpu",
+        *(f"resnet50-imagenet-ffcv-{epochs}ep-8gpu" for epochs in (16, 24, 32, 40, 88))}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -68,3 +69,15 @@ def test_each_recipe_registers_under_a_name_that_says_model_and_data_set() -> No
     assert model_name(load_config("resnet50-imagenet-90ep-8gpu")) == "resnet50-imagenet"  # /data/imagenet
     assert model_name(load_config("resnet50-imagenet-90ep-64gpu")) == "resnet50-imagenet"  # s3://my-bucket/imagenet
     assert model_name(load_config("resnet152-imagenet-90ep-8gpu", ["tracking.model_name=r152"])) == "r152"
+
+
+@pytest.mark.parametrize(("epochs", "ramp"), [(16, (11, 13)), (24, (17, 20)), (32, (23, 27)), (40, (29, 34)),
+                                             (88, (65, 76))])
+def test_the_ffcv_recipes_ramp_160_to_192_and_validate_at_256_with_flips(epochs: int, ramp: tuple[int, int]) -> None:
+    cfg = load_config(f"resnet50-imagenet-ffcv-{epochs}ep-8gpu")
+    assert cfg.data.batch_size * cfg.launch.num_workers == 4096  # FFCV's 512 per GPU, lr 1.7 as it is
+    assert peak_learning_rate(cfg.optim, 4096) == pytest.approx(1.7) and cfg.schedule.warmup_epochs == 2
+    sizes = [cfg.data.crop_size(train=True, epoch=epoch) for epoch in range(epochs)]
+    assert sizes[:ramp[0] + 1] == [160] * (ramp[0] + 1) and sizes[ramp[1]:] == [192] * (epochs - ramp[1])
+    assert cfg.schedule.epochs == epochs and cfg.schedule.decay == "linear"
+    assert cfg.data.crop_size(train=False) == 256 and cfg.data.val_flip_average

@@ -36,6 +36,14 @@ def test_cosine_decays_monotonically_towards_zero() -> None:
     assert after[-1] < 1e-3
 
 
+def test_linear_decay_falls_by_the_same_amount_each_step_to_zero() -> None:
+    schedule = lrs(ScheduleConfig(epochs=10, warmup_epochs=2, decay="linear"))
+    after = schedule[200:]
+    assert after[0] == pytest.approx(1.0) and after[-1] == pytest.approx(1 / 800)
+    assert {round(a - b, 12) for a, b in zip(after, after[1:], strict=False)} == {round(1 / 800, 12)}
+    assert after[200] == pytest.approx(0.75)  # a quarter of the way: cosine would be at 0.85
+
+
 def test_step_decay_divides_at_each_milestone() -> None:
     schedule = lrs(ScheduleConfig(epochs=9, warmup_epochs=0, decay="step", step_milestones=(3, 6), step_gamma=0.1))
     assert schedule[299] == pytest.approx(1.0)
