@@ -44,6 +44,10 @@ class ModelConfig:
     """3x3/1 stem conv and no max-pool, for 32-64 px images."""
     zero_init_residual: bool = True
     """Start each block's last BatchNorm at zero so every residual block begins as the identity."""
+    blurpool: bool = False
+    """Anti-aliased downsampling (BlurPool, Zhang 2019, as FFCV's and Composer's ResNet recipes use it): strided
+    convolutions and the max-pool blur first. The state dict keeps torchvision's names, but the function
+    differs: checkpoints and registered versions record it."""
 
     def __post_init__(self) -> None:
         _require(self.num_classes >= 2, "num_classes", self.num_classes, "must be >= 2")

@@ -57,8 +57,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def architecture(cfg: RunConfig) -> dict[str, Any]:
-    """What a checkpoint's weights fit: model name, classes and stem."""
-    return {"name": cfg.model.name, "num_classes": cfg.model.num_classes, "small_input": cfg.model.small_input}
+    """What a checkpoint's weights fit: model name, classes, stem and BlurPool."""
+    # blurpool only when on: checkpoints written before it existed still fit a run without it.
+    return {"name": cfg.model.name, "num_classes": cfg.model.num_classes, "small_input": cfg.model.small_input,
+            **({"blurpool": True} if cfg.model.blurpool else {})}
 
 
 def check_compatible(manifest: Manifest, url: str, cfg: RunConfig, *, global_batch_size: int) -> None:

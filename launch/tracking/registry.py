@@ -84,6 +84,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
     tags = {
         "val_top1": meta.get("val_top1"), "val_top5": meta.get("val_top5"), "epochs": meta["epoch"],
         "step": meta["step"], "dataset": dataset_name(cfg), "data_root": cfg.data.root,
+        "blurpool": "true" if cfg.model.blurpool else None,
         "config_hash": config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
         "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
         "weights": f"weights/{step_folder(meta['step'])}",

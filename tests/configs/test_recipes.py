@@ -80,4 +80,4 @@ def test_the_ffcv_recipes_ramp_160_to_192_and_validate_at_256_with_flips(epochs:
     sizes = [cfg.data.crop_size(train=True, epoch=epoch) for epoch in range(epochs)]
     assert sizes[:ramp[0] + 1] == [160] * (ramp[0] + 1) and sizes[ramp[1]:] == [192] * (epochs - ramp[1])
     assert cfg.schedule.epochs == epochs and cfg.schedule.decay == "linear"
-    assert cfg.data.crop_size(train=False) == 256 and cfg.data.val_flip_average
+    assert cfg.data.crop_size(train=False) == 256 and cfg.data.val_flip_average and cfg.model.blurpool

@@ -259,3 +259,23 @@ def test_a_run_trained_at_one_size_is_evaluated_at_another(digits_root: Path, tm
 
     # The run's evaluation is that of its weights at 24 px, not at the 16 px it trained at.
     assert result.val == scores(24) and result.val != scores(16)
+
+
+def test_a_blurpool_network_trains_exports_and_its_checkpoint_fits_only_a_blurpool_run(digits_root: Path,
+                                                                                       tmp_path: Path) -> None:
+    overrides = [*quick_overrides(digits_root, tmp_path), f"checkpoint.url={tmp_path / 'ckpt'}"]
+    cfg = load_config("quickstart", [*overrides, "model.blurpool=true"])
+    result = trainer.run(cfg, single_process_context(), [])
+    assert result.val["val_top1"] > 0.15  # it learns (chance is 10%)
+    manifest = open_checkpoints(str(tmp_path / "ckpt")).latest()
+    assert manifest is not None and manifest.meta["architecture"]["blurpool"] is True
+    with pytest.raises(IncompatibleSettings, match="'blurpool': True"):
+        trainer.run(load_config("quickstart", overrides), single_process_context(), [])
+    network = resnet18(num_classes=10, small_input=True)
+    from trainer.models import apply_blurpool
+
+    apply_blurpool(network).eval()
+    program = torch.export.export(network, (torch.randn(2, 3, 16, 16),),  # as `export` does
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    example = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(program.module()(example), network(example), atol=1e-5)

@@ -178,3 +178,35 @@ def test_build_model_follows_the_config() -> None:
     assert isinstance(model.layer1[0], BasicBlock) and len(model.layer3) == 6
     assert model.fc.out_features == 7 and model.conv1.kernel_size == (3, 3)
     assert torch.all(model.layer1[0].bn2.weight == 1)
+
+
+def test_blurpool_keeps_the_state_dict_and_changes_each_downsampling() -> None:
+    from trainer.models.blurpool import BlurConv2d, MaxBlurPool2d
+
+    plain = build_model(ModelConfig(name="resnet50"))
+    blurred = build_model(ModelConfig(name="resnet50", blurpool=True))
+    # torchvision's names and shapes: weights move between the two (and to torchvision) as they are.
+    assert {k: v.shape for k, v in blurred.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    blurred.load_state_dict(plain.state_dict())
+    # Each stage's strided 3x3 and its strided 1x1 projection (stages 2-4), and the stem's max-pool; not the
+    # RGB stem conv (3 input channels).
+    replaced = sorted(name for name, m in blurred.named_modules() if isinstance(m, BlurConv2d | MaxBlurPool2d))
+    assert replaced == ["layer2.0.conv2", "layer2.0.downsample.0", "layer3.0.conv2", "layer3.0.downsample.0",
+                        "layer4.0.conv2", "layer4.0.downsample.0", "maxpool"]
+    randomize_batchnorm(plain)
+    blurred.load_state_dict(plain.state_dict())
+    plain.eval(), blurred.eval()
+    with torch.no_grad():
+        a, b = plain(images()), blurred(images())
+    assert a.shape == b.shape == (2, 1000) and not torch.allclose(a, b)  # same weights, another function
+
+
+def test_the_blur_is_a_normalised_low_pass_filter() -> None:
+    from trainer.models.blurpool import _binomial_filter, blur
+
+    kernel = _binomial_filter()
+    flat = torch.full((1, 4, 6, 6), 3.0)
+    assert torch.allclose(blur(flat, kernel, stride=1)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])  # keeps a constant
+    stripes = torch.tensor([1.0, -1.0] * 3).repeat(1, 1, 6, 1)  # the highest horizontal frequency
+    assert blur(stripes, kernel, stride=1)[..., 1:-1, 1:-1].abs().max() == 0  # removed
+    assert blur(flat, kernel, stride=2).shape == (1, 4, 3, 3)
