@@ -100,6 +100,15 @@ class DataConfig:
     """Smallest fraction of the image area a training random-resized crop keeps (Inception-style)."""
     random_flip: bool = True
     """Flip training images horizontally with probability 1/2."""
+    mixup_alpha: float = 0.0
+    """Mixup (Zhang et al. 2018): blend each training image with another, weight ~ Beta(alpha, alpha), and
+    their targets likewise; 0: off. timm's recipes use 0.1-0.8."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al. 2019): paste a box of another image, area fraction ~ Beta(alpha, alpha); 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a micro-batch is mixed at all (with mixup or CutMix on)."""
+    mix_switch_prob: float = 0.5
+    """With both on: probability of CutMix rather than mixup for a micro-batch."""
     val_flip_average: bool = False
     """Validation scores each image and its mirror image and averages the logits (test-time augmentation, as
     in FFCV's ResNet recipes): about twice the evaluation compute. The served model does not do it."""
@@ -121,6 +130,10 @@ class DataConfig:
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(self.val_image_size is None or self.val_image_size >= 8, "val_image_size", self.val_image_size,
                  "must be >= 8")
+        _require(self.mixup_alpha >= 0, "mixup_alpha", self.mixup_alpha, "must be >= 0 (0: off)")
+        _require(self.cutmix_alpha >= 0, "cutmix_alpha", self.cutmix_alpha, "must be >= 0 (0: off)")
+        _require(0 <= self.mix_prob <= 1, "mix_prob", self.mix_prob, "must be in [0, 1]")
+        _require(0 <= self.mix_switch_prob <= 1, "mix_switch_prob", self.mix_switch_prob, "must be in [0, 1]")
         _require(self.progressive_multiple >= 1, "progressive_multiple", self.progressive_multiple, "must be >= 1")
         if self.progressive_start_size is not None:
             _require(8 <= self.progressive_start_size, "progressive_start_size", self.progressive_start_size,

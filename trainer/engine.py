@@ -23,6 +23,7 @@ from trainer.lease import Claimant, hold_writer_lease
 from trainer.loop import Learner, TrainResult, train
 from trainer.meter import IntervalMeter
 from trainer.metrics import MetricSink
+from trainer.mix import BatchMixer
 from trainer.models import build_model
 from trainer.optim import build_optimizer, peak_learning_rate
 from trainer.precision import resolve_precision
@@ -64,7 +65,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     learner = Learner(strategy=strategy, ema=ema, precision=precision,
                       criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
                       channels_last=cfg.precision.channels_last, accumulation_steps=accumulation_steps,
-                      flip_average=cfg.data.val_flip_average)
+                      flip_average=cfg.data.val_flip_average,
+                      mixer=BatchMixer(cfg.data, num_classes=cfg.model.num_classes, seed=cfg.seed))
     cadence = Cadence(schedule=cfg.schedule, steps_per_epoch=len(loaders.train) // accumulation_steps,
                       accumulation_steps=accumulation_steps, peak_lr=peak_lr,
                       log_interval_steps=cfg.tracking.log_interval_steps,

@@ -21,6 +21,7 @@ from trainer.ema import Ema
 from trainer.evaluate import evaluate
 from trainer.meter import IntervalMeter, IntervalReport, TrainingDiverged
 from trainer.metrics import MetricSink
+from trainer.mix import BatchMixer
 from trainer.precision import Precision
 from trainer.preempt import Preempted
 from trainer.state import Checkpointer
@@ -93,6 +94,8 @@ class Learner:
     """Micro-batches per optimiser step."""
     flip_average: bool = False
     """Evaluate on each image and its mirror image, averaging the logits (data.val_flip_average)."""
+    mixer: BatchMixer | None = None
+    """Mixup/CutMix of the training micro-batches, if on."""
 
     def running_stats(self) -> list[torch.Tensor]:
         """The floating buffers of the model and of its weight average: their BatchNorm running averages, which
@@ -117,10 +120,12 @@ class Learner:
         """Put the model in training mode (BatchNorm uses and updates batch statistics)."""
         self.strategy.model.train()
 
-    def step(self, micro_batches: list[Batch]) -> torch.Tensor:
-        """One optimiser step (and the weight average's update); the mean loss, on the device. A non-finite
-        loss gives non-finite gradients (on every rank, once reduced), and the optimizer skips that step on
-        the device; the meter only counts it."""
+    def step(self, micro_batches: list[Batch], *, step: int) -> torch.Tensor:
+        """Optimiser step `step` (and the weight average's update), after mixing the micro-batches if
+        configured; the mean loss, on the device. A non-finite loss gives non-finite gradients (on every rank,
+        once reduced), and the optimizer skips that step on the device; the meter only counts it."""
+        if self.mixer is not None:
+            micro_batches = self.mixer.mix(micro_batches, step=step)
         loss = train_step(self.strategy, self.precision, self.criterion, micro_batches)
         if self.ema is not None:
             self.ema.update(self.strategy.unwrapped())
@@ -160,7 +165,7 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
             learner.set_learning_rate(lr)
             with meter.waiting_for_data():
                 micro_batches = learner.next_micro_batches(batches)
-            loss = learner.step(micro_batches)
+            loss = learner.step(micro_batches, step=step)
             meter.add_step(loss, images=sum(labels.shape[0] for _, labels in micro_batches))
             step += 1
             due = cadence.after(step)

@@ -239,11 +239,13 @@ def test_when_no_committed_step_loads_the_run_stops_and_names_them(
 
 
 # Epoch 0 at 8 px, epoch 1 at 12: the crash (step 30) and the resume (from step 28) fall after the change.
+# Mixup and CutMix are on as well.
 PROGRESSIVE = ["data.image_size=12", "data.progressive_start_size=8", "data.progressive_end_epoch=1",
-               "data.progressive_multiple=4"]
+               "data.progressive_multiple=4", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"]
 
 
-def test_resume_mid_epoch_after_a_progressive_size_change_is_exact(digits_root: Path, tmp_path: Path) -> None:
+def test_resume_mid_epoch_after_a_progressive_size_change_and_with_mixing_is_exact(digits_root: Path,
+                                                                                 tmp_path: Path) -> None:
     trainer.run(config(digits_root, tmp_path / "whole", *PROGRESSIVE), single_process_context(), [])
     with pytest.raises(Interrupt):
         trainer.run(config(digits_root, tmp_path / "resumed", *PROGRESSIVE), single_process_context(), [CrashAt(30)])
@@ -258,3 +260,10 @@ def test_resume_mid_epoch_after_a_progressive_size_change_is_exact(digits_root: 
     trainer.run(config(digits_root, tmp_path / "other", *slower), single_process_context(), [])
     other, whole = final_state(tmp_path / "other")[1], final_state(tmp_path / "whole")[1]
     assert not torch.equal(other["fc.weight"], whole["fc.weight"])
+    # Negative control: resumed without mixing, the weights differ too (mixing was on, and it is seeded).
+    with pytest.raises(Interrupt):
+        trainer.run(config(digits_root, tmp_path / "unmixed", *PROGRESSIVE), single_process_context(),
+                    [CrashAt(30)])
+    trainer.run(config(digits_root, tmp_path / "unmixed", *PROGRESSIVE, "data.mixup_alpha=0", "data.cutmix_alpha=0"),
+                single_process_context(), [])
+    assert not torch.equal(final_state(tmp_path / "unmixed")[1]["fc.weight"], whole["fc.weight"])
