@@ -27,7 +27,6 @@ class SizedBatchSampler(Sampler[list[SizedKey]]):
         self.sampler = sampler
         self.cfg = cfg
         self.train = train
-        self.size = cfg.crop_size(train=train, epoch=0)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -35,10 +34,9 @@ class SizedBatchSampler(Sampler[list[SizedKey]]):
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """Make the next iteration yield epoch `epoch` from batch `start_batch` on."""
         self.sampler.set_position(epoch, start_batch)
-        self.size = self.cfg.crop_size(train=self.train, epoch=epoch)
 
     def __iter__(self) -> Iterator[list[SizedKey]]:
-        size = self.size
+        size = self.cfg.crop_size(train=self.train, epoch=self.sampler.epoch)
         return ([(index, seed, size) for index, seed in batch] for batch in self.sampler)
 
 

@@ -104,14 +104,10 @@ class RunSummary:
             ("val top-1", f"{100 * self.val['val_top1']:.2f}% of {int(self.val['val_images'])} images"),
             ("val top-5", f"{100 * self.val['val_top5']:.2f}%"),
             ("val loss", f"{self.val['val_loss']:.4f}"),
+            *([("time to top-1", self._highest_levels_reached())] if self.time_to_accuracy else []),
             ("checkpoint", self.checkpoint_url),
             ("run folder", self.run_dir),
         ]
-        if self.time_to_accuracy:  # the three highest levels reached
-            highest = sorted(self.time_to_accuracy.items(), key=lambda item: float(item[0]))[-3:]
-            rows.insert(8, ("time to top-1", "; ".join(
-                f"{100 * float(level):g}% in {at['elapsed_s']:.0f} s, {at['device_hours']:.3g} device-h "
-                f"(epoch {at['epoch']:g})" for level, at in highest)))
         if self.tracking_uri:
             rows.append(("mlflow run", f"{self.mlflow_run_id} at {self.tracking_uri}"))
             rows.append(("registered as", self.model_uri or "not registered (see the messages above)"))
@@ -122,6 +118,12 @@ class RunSummary:
             rows.append(("look at it", ui_command(self.tracking_uri)))
         width = max(len(label) for label, _ in rows)
         return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+    def _highest_levels_reached(self) -> str:
+        """The three highest val top-1 levels reached, with when, for the table."""
+        highest = sorted(self.time_to_accuracy.items(), key=lambda item: float(item[0]))[-3:]
+        return "; ".join(f"{100 * float(level):g}% in {at['elapsed_s']:.0f} s, {at['device_hours']:.3g} device-h "
+                         f"(epoch {at['epoch']:g})" for level, at in highest)
 
 
 def ui_command(tracking_uri: str) -> str:
