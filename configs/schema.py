@@ -100,6 +100,19 @@ class DataConfig:
     """Smallest fraction of the image area a training random-resized crop keeps (Inception-style)."""
     random_flip: bool = True
     """Flip training images horizontally with probability 1/2."""
+    auto_augment: Literal["none", "trivial", "rand"] = "none"
+    """Automatic augmentation of training images after cropping: trivial: TrivialAugmentWide (Muller and Hutter
+    2021; one of 14 operations per image at a random strength); rand: RandAugment (Cubuk et al. 2020;
+    rand_augment_ops operations per image at strength rand_augment_magnitude). The operations, strengths and
+    signs are drawn from each sample's seed (exact resume); DALI applies them with its auto_aug operations,
+    the baseline with torchvision's."""
+    rand_augment_ops: int = 2
+    """RandAugment: operations applied to each image, one after the other (timm's and torchvision's 2)."""
+    rand_augment_magnitude: int = 9
+    """RandAugment: strength of every operation, a bin of 0..30 (torchvision's 9; timm's RSB recipes 6-7)."""
+    random_erasing_prob: float = 0.0
+    """Random erasing (Zhong et al. 2020, torchvision's RandomErasing): with this probability a training image
+    has a box of 2-33% of its area, aspect ratio 0.3-3.3, set to the mean colour (0 after normalisation)."""
     mixup_alpha: float = 0.0
     """Mixup (Zhang et al. 2018): blend each training image with another, weight ~ Beta(alpha, alpha), and
     their targets likewise; 0: off. timm's recipes use 0.1-0.8."""
@@ -130,6 +143,11 @@ class DataConfig:
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(self.val_image_size is None or self.val_image_size >= 8, "val_image_size", self.val_image_size,
                  "must be >= 8")
+        _require(self.rand_augment_ops >= 1, "rand_augment_ops", self.rand_augment_ops, "must be >= 1")
+        _require(0 <= self.rand_augment_magnitude <= 30, "rand_augment_magnitude", self.rand_augment_magnitude,
+                 "must be a bin of 0..30")
+        _require(0 <= self.random_erasing_prob <= 1, "random_erasing_prob", self.random_erasing_prob,
+                 "must be in [0, 1]")
         _require(self.mixup_alpha >= 0, "mixup_alpha", self.mixup_alpha, "must be >= 0 (0: off)")
         _require(self.cutmix_alpha >= 0, "cutmix_alpha", self.cutmix_alpha, "must be >= 0 (0: off)")
         _require(0 <= self.mix_prob <= 1, "mix_prob", self.mix_prob, "must be in [0, 1]")

@@ -1,9 +1,11 @@
-"""What every loader does to an image: where it is cropped, whether it is flipped, how it is normalised.
+"""What every loader does to an image: where it is cropped, whether it is flipped, which automatic
+augmentation and erasing it gets, how it is normalised.
 
 A crop is a pixel window of the stored image plus a flip bit, drawn from the sample's own seed (see
 `sharding.sample_seed`), so it depends only on (run seed, epoch, sample): not on the loader, the worker
 that decodes it, or what ran before. That is what makes the DALI and the baseline loader agree and
-mid-epoch resume exact. Both loaders then resize the window to the model's square input.
+mid-epoch resume exact. Both loaders then resize the window to the model's square input. The automatic
+augmentation operations and the random-erasing box are drawn the same way, from streams of their own.
 """
 
 from __future__ import annotations
@@ -69,3 +71,115 @@ def val_crop(width: int, height: int, *, crop_ratio: float) -> Crop:
     size / crop_ratio, then centre-crop size" keeps, taken before resizing (so it can be decoded alone)."""
     side = max(1, round(min(width, height) * crop_ratio))
     return Crop((width - side) // 2, (height - side) // 2, side, side, False)
+
+
+AUTO_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+                    "contrast", "sharpness", "posterize", "solarize", "auto_contrast", "equalize")
+"""The operations TrivialAugmentWide and RandAugment choose from (the same 14 in both); an `AugmentOp` names one
+by its index here."""
+NUM_MAGNITUDE_BINS = 31
+"""Strengths are bins 0..30 of each operation's magnitude range (torchvision's and DALI's default)."""
+
+
+class MagnitudeRange(NamedTuple):
+    """The magnitudes of bins 0..30 of one operation: evenly spaced from `low` to `high`; `signed`: negated
+    for half the draws."""
+
+    low: float
+    high: float
+    signed: bool
+
+
+_ENHANCE = ("brightness", "color", "contrast", "sharpness")  # parameter: factor 1 + magnitude
+_NO_MAGNITUDE = MagnitudeRange(0.0, 0.0, False)
+
+
+def _ranges(*, shear: float, translate: float, rotate: float, enhance: float,
+            posterize_bits: int) -> dict[str, MagnitudeRange]:
+    ranges = {"identity": _NO_MAGNITUDE, "shear_x": MagnitudeRange(0, shear, True),
+              "shear_y": MagnitudeRange(0, shear, True), "translate_x": MagnitudeRange(0, translate, True),
+              "translate_y": MagnitudeRange(0, translate, True), "rotate": MagnitudeRange(0, rotate, True),
+              "posterize": MagnitudeRange(8, posterize_bits, False), "solarize": MagnitudeRange(255, 0, False),
+              "auto_contrast": _NO_MAGNITUDE, "equalize": _NO_MAGNITUDE}
+    ranges.update({name: MagnitudeRange(0, enhance, True) for name in _ENHANCE})
+    assert tuple(sorted(ranges)) == tuple(sorted(AUTO_AUGMENT_OPS))
+    return ranges
+
+
+MAGNITUDE_RANGES = {
+    # torchvision's augmentation spaces (transforms.v2.TrivialAugmentWide, RandAugment). Units: shear factor
+    # (x += factor * y), translation as a fraction of the image side (TrivialAugmentWide's 32 px of 224),
+    # degrees, enhancement factor 1 + magnitude, bits kept, solarize threshold.
+    "trivial": _ranges(shear=0.99, translate=32 / 224, rotate=135, enhance=0.99, posterize_bits=2),
+    "rand": _ranges(shear=0.3, translate=150 / 331, rotate=30, enhance=0.9, posterize_bits=4),
+}
+"""Magnitude range of each operation, per policy: the one definition both loaders apply."""
+AUTO_AUGMENT_FILL = 128
+"""Grey value of the pixels that shears, translations and rotations move in (DALI's default)."""
+
+
+class AugmentOp(NamedTuple):
+    """One automatic-augmentation operation for one image."""
+
+    op: int
+    """Index into AUTO_AUGMENT_OPS."""
+    magnitude_bin: int
+    """Strength, 0..NUM_MAGNITUDE_BINS - 1."""
+    negate: bool
+    """Negate the magnitude (only for operations with a signed range)."""
+
+    @property
+    def name(self) -> str:
+        return AUTO_AUGMENT_OPS[self.op]
+
+    def magnitude(self, policy: str) -> float:
+        """The operation's signed magnitude under `policy` ("trivial" or "rand")."""
+        low, high, signed = MAGNITUDE_RANGES[policy][self.name]
+        value = low + (high - low) * self.magnitude_bin / (NUM_MAGNITUDE_BINS - 1)
+        return -value if signed and self.negate else value
+
+
+def auto_augment_for(cfg: DataConfig, *, seed: int) -> tuple[AugmentOp, ...]:
+    """The automatic-augmentation operations of one training image, in order, from the sample's seed (a
+    stream of its own: the crop's draws are unchanged by turning this on); () when it is off."""
+    if cfg.auto_augment == "none":
+        return ()
+    rng = random.Random(f"auto_augment/{seed}")
+    if cfg.auto_augment == "trivial":
+        return (AugmentOp(rng.randrange(len(AUTO_AUGMENT_OPS)), rng.randrange(NUM_MAGNITUDE_BINS),
+                          rng.random() < 0.5),)
+    return tuple(AugmentOp(rng.randrange(len(AUTO_AUGMENT_OPS)), cfg.rand_augment_magnitude, rng.random() < 0.5)
+                 for _ in range(cfg.rand_augment_ops))
+
+
+class Box(NamedTuple):
+    """A rectangle of an output image, in pixels."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+ERASE_AREAS = (0.02, 1 / 3)
+"""Range of the fraction of the image a random-erasing box covers (torchvision's and timm's)."""
+ERASE_ASPECT_RATIOS = (0.3, 1 / 0.3)
+"""Range of a random-erasing box's height/width ratio, drawn log-uniformly."""
+
+
+def erase_box_for(size: int, cfg: DataConfig, *, seed: int) -> Box | None:
+    """The box random erasing blanks in a `size` x `size` training image, from the sample's seed (torchvision's
+    RandomErasing rule: 10 tries at a box that fits); None: this image is not erased."""
+    if cfg.random_erasing_prob == 0:
+        return None
+    rng = random.Random(f"random_erasing/{seed}")
+    if rng.random() >= cfg.random_erasing_prob:
+        return None
+    log_low, log_high = math.log(ERASE_ASPECT_RATIOS[0]), math.log(ERASE_ASPECT_RATIOS[1])
+    for _ in range(10):
+        area = size * size * rng.uniform(*ERASE_AREAS)
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < height < size and 0 < width < size:
+            return Box(rng.randint(0, size - height), rng.randint(0, size - width), height, width)
+    return None

@@ -24,14 +24,17 @@ import numpy as np
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, crop_for
+from data_pipeline.augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, IMAGENET_MEAN, IMAGENET_STD,
+                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, auto_augment_for, crop_for, erase_box_for)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-SourceBatch = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
-"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips, and
-output sizes (the same for the whole batch: the epoch's, with progressive resizing)."""
+SourceBatch = tuple[list[np.ndarray], ...]
+"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips, output
+sizes (the same for the whole batch: the epoch's, with progressive resizing); with automatic augmentation
+the operations, magnitude bins and signs of each image; with random erasing each image's box (anchor, shape).
+"""
 
 
 class BatchReader:
@@ -41,7 +44,7 @@ class BatchReader:
     the same either way: only where the work happens differs."""
 
     def __init__(self, *, num_threads: int, lookahead: int) -> None:
-        self.read: Callable[[list[SampleKey]], SourceBatch] = lambda keys: ([], [], [], [], [])
+        self.read: Callable[[list[SampleKey]], SourceBatch] = lambda keys: ()
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="dali-reader") if num_threads else None
         self.keys: Iterator[list[SampleKey]] = iter(())
@@ -86,6 +89,28 @@ def _import_dali() -> Any:
     return dali
 
 
+def apply_auto_augment(images: Any, op: Any, magnitude_bin: Any, negate: Any, *, shape: Any,
+                       cfg: DataConfig) -> Any:
+    """The automatic augmentation of a batch of uint8 HWC images: for each level, DALI's auto_aug operation of
+    each sample's `op` (indices into AUTO_AUGMENT_OPS, one per level) at its magnitude bin and sign, with the
+    magnitude ranges of `augment.MAGNITUDE_RANGES` (DALI's `select` runs each operation on its samples
+    only). `shape`: the images' (height, width)."""
+    from nvidia.dali.auto_aug import augmentations
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    suite = []
+    for name in AUTO_AUGMENT_OPS:
+        low, high, signed = MAGNITUDE_RANGES[cfg.auto_augment][name]
+        operation = getattr(augmentations, name)
+        suite.append(operation if high == low else operation.augmentation(mag_range=(low, high),
+                                                                           randomly_negate=signed))
+    levels = 1 if cfg.auto_augment == "trivial" else cfg.rand_augment_ops
+    for level in range(levels):
+        images = select(suite, op[level], images, magnitude_bin=signed_bin(magnitude_bin[level], negate[level]),
+                        num_magnitude_bins=NUM_MAGNITUDE_BINS, shape=shape, fill_value=AUTO_AUGMENT_FILL)
+    return images
+
+
 def dali_device_id(device: torch.device) -> int | None:
     """DALI's `device_id`: the training context's GPU, never local_rank or the current device (under Ray
     every worker sees all of a node's GPUs); None for a CPU-only pipeline."""
@@ -111,6 +136,8 @@ class DaliLoader:
                                            world_size=world_size, seed=seed, train=train)
         self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
         self._in_flight: deque[list[SampleKey]] = deque()
+        self.auto_augment = train and cfg.auto_augment != "none"
+        self.erasing = train and cfg.random_erasing_prob > 0
         self.pipeline = self._build_pipeline(seed)
 
     def __len__(self) -> int:
@@ -121,21 +148,32 @@ class DaliLoader:
         fn, types = dali.fn, dali.types
 
         gpu = self.device.type == "cuda"
-        pipeline = dali.Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                                 device_id=dali_device_id(self.device), seed=seed, prefetch_queue_depth=2)
-        with pipeline:
-            encoded, start, shape, mirror, size = fn.external_source(
-                source=self._next_batch, num_outputs=5, batch=True,
-                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT])
+
+        # Conditionals (DALI's `if` on data, which automatic augmentation uses) need a `pipeline_def`.
+        @dali.pipeline_def(enable_conditionals=self.auto_augment)
+        def graph() -> Any:
+            dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT]
+            dtypes += [types.INT32] * 3 * self.auto_augment + [types.FLOAT] * 2 * self.erasing
+            encoded, start, shape, mirror, size, *extra = fn.external_source(
+                source=self._next_batch, num_outputs=len(dtypes), batch=True, dtype=dtypes)
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
             images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
                                              output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if self.auto_augment:
+                op, magnitude_bin, negate, *extra = extra
+                images = apply_auto_augment(images, op, magnitude_bin, negate, shape=size, cfg=self.cfg)
             images = fn.crop_mirror_normalize(
                 images, mirror=mirror, output_layout="HWC",
                 dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
                 mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
-            pipeline.set_outputs(images)
+            if self.erasing:
+                anchor, erase_shape = extra
+                images = fn.erase(images, anchor=anchor, shape=erase_shape, axis_names="HW", fill_value=0)
+            return images
+
+        pipeline = graph(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
+                         device_id=dali_device_id(self.device), seed=seed, prefetch_queue_depth=2)
         pipeline.build()
         return pipeline
 
@@ -161,7 +199,17 @@ class DaliLoader:
             shapes.append(np.array([crop.width, crop.height], dtype=np.int32))
             mirrors.append(np.array(crop.flip, dtype=np.int32))
         sizes = [np.array([size, size], dtype=np.float32)] * len(keys)
-        return encoded, starts, shapes, mirrors, sizes
+        batch: SourceBatch = (encoded, starts, shapes, mirrors, sizes)
+        if self.auto_augment:
+            ops = [auto_augment_for(self.cfg, seed=seed) for _, seed in keys]
+            batch += tuple([np.array([getattr(op, field) for op in sample_ops], dtype=np.int32) for sample_ops in ops]
+                           for field in ("op", "magnitude_bin", "negate"))
+        if self.erasing:
+            boxes = [erase_box_for(size, self.cfg, seed=seed) for _, seed in keys]
+            # An image that is not erased gets an empty box.
+            batch += ([np.array(box[:2] if box else (0, 0), dtype=np.float32) for box in boxes],
+                      [np.array(box[2:] if box else (0, 0), dtype=np.float32) for box in boxes])
+        return batch
 
     def _restart(self, keys: Iterator[list[SampleKey]], *, size: int) -> None:
         """Discard what an unfinished epoch left in flight, then make `keys`, resized to `size`, the pipeline's

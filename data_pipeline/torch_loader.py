@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from configs.schema import DataConfig
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, crop_for
+from data_pipeline.augment import (AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, auto_augment_for,
+                                   crop_for, erase_box_for)
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import ShardedBatchSampler
 
@@ -40,9 +44,49 @@ class SizedBatchSampler(Sampler[list[SizedKey]]):
         return ([(index, seed, size) for index, seed in batch] for batch in self.sampler)
 
 
+ENHANCEMENTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "brightness": F.adjust_brightness, "color": F.adjust_saturation, "contrast": F.adjust_contrast,
+    "sharpness": F.adjust_sharpness}
+"""The operations whose parameter is an enhancement factor (1: unchanged), as PIL's ImageEnhance defines them."""
+
+
+def apply_auto_augment(image: torch.Tensor, ops: tuple[AugmentOp, ...], policy: str) -> torch.Tensor:
+    """`ops` applied in turn to a uint8 CHW image with torchvision's operations (as its TrivialAugmentWide and
+    RandAugment apply them: shears about the top-left corner; bilinear resampling here). They agree with the
+    DALI pipeline's to resampling rounding, except equalize (torchvision follows PIL's formula, DALI OpenCV's)."""
+    side = image.shape[-1]
+    for op in ops:
+        magnitude = op.magnitude(policy)
+        affine = {"interpolation": InterpolationMode.BILINEAR, "fill": [float(AUTO_AUGMENT_FILL)] * 3}
+        if op.name == "shear_x" or op.name == "shear_y":
+            # DALI's shear (x += factor * y) is torchvision's of the opposite angle: signs are drawn at random
+            # either way, and this way both loaders deliver the same image.
+            degrees = -math.degrees(math.atan(magnitude))
+            shear = [degrees, 0.0] if op.name == "shear_x" else [0.0, degrees]
+            image = F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **affine)
+        elif op.name == "translate_x" or op.name == "translate_y":
+            offset = magnitude * side
+            translate = [offset, 0.0] if op.name == "translate_x" else [0.0, offset]
+            image = F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], **affine)
+        elif op.name == "rotate":
+            image = F.rotate(image, magnitude, **affine)
+        elif op.name in ENHANCEMENTS:
+            image = ENHANCEMENTS[op.name](image, 1.0 + magnitude)
+        elif op.name == "posterize":
+            image = F.posterize(image, round(magnitude))
+        elif op.name == "solarize":
+            image = F.solarize(image, magnitude)
+        elif op.name == "auto_contrast":
+            image = F.autocontrast(image)
+        elif op.name == "equalize":
+            image = F.equalize(image)
+    return image
+
+
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included), cropped as
-    `crops` says for the sample's key, resized to the model's input and normalised, as HWC tensors of `dtype`."""
+    `crops` says for the sample's key, resized to the model's input, augmented (training) and normalised, as
+    HWC tensors of `dtype`."""
 
     def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, dtype: torch.dtype) -> None:
         self.index = index
@@ -64,10 +108,15 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             size = (side, side)
             # One resampling of the window (PIL filters with antialiasing when it shrinks).
             resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box)
-        if crop.flip:
-            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
-        return ((pixels.float() - self.mean) / self.std).to(self.dtype), sample.label
+        if self.train and (ops := auto_augment_for(self.cfg, seed=seed)):
+            pixels = apply_auto_augment(pixels.permute(2, 0, 1), ops, self.cfg.auto_augment).permute(1, 2, 0)
+        if crop.flip:  # after the automatic augmentation, as in the DALI pipeline
+            pixels = pixels.flip(1)
+        normalized = (pixels.float() - self.mean) / self.std
+        if self.train and (erase := erase_box_for(side, self.cfg, seed=seed)) is not None:
+            normalized[erase.top:erase.top + erase.height, erase.left:erase.left + erase.width] = 0
+        return normalized.to(self.dtype), sample.label
 
 
 def collate_channels_last(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

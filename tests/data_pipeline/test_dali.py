@@ -5,6 +5,7 @@ the file."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from PIL import Image
 
 from configs.schema import DataConfig
 from data_pipeline import DatasetError, build_loaders
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, auto_augment_for, erase_box_for
 from data_pipeline.prepare import prepare_index
+from data_pipeline.dali import DaliLoader
+from data_pipeline.sharding import SampleKey
 
 NUM_COLOURS = 23
 
@@ -123,3 +126,43 @@ def test_reader_threads_change_where_files_are_read_not_what_is_delivered(digits
         assert len(delivered) == len(expected) == 45 - start
         for (images, labels), (reference, reference_labels) in zip(delivered, expected, strict=True):
             assert torch.equal(labels, reference_labels) and torch.equal(images, reference)
+
+
+def first_batches(cfg: DataConfig, *, seed: int = 0, start_batch: int = 0, count: int = 3) -> torch.Tensor:
+    loader = build_loaders(cfg, seed=seed).train
+    return torch.cat([images for images, _ in itertools.islice(loader.iter_epoch(0, start_batch), count)])
+
+
+def first_keys(cfg: DataConfig, *, count: int = 3) -> list[SampleKey]:
+    loader = build_loaders(cfg, seed=0).train
+    assert isinstance(loader, DaliLoader)
+    return [key for batch in itertools.islice(loader.sampler.batches(0), count) for key in batch]
+
+
+@pytest.mark.parametrize("policy", ["trivial", "rand"])
+def test_automatic_augmentation_and_erasing_agree_across_loaders_and_follow_the_seed(digits_root: Path,
+                                                                                     policy: str) -> None:
+    cfg = config(digits_root, auto_augment=policy, random_erasing_prob=0.5)
+    dali, torch_ = first_batches(cfg), first_batches(dataclasses.replace(cfg, loader="torch"))
+    keys = first_keys(cfg)
+    ops = [auto_augment_for(cfg, seed=seed) for _, seed in keys]
+    boxes = [erase_box_for(32, cfg, seed=seed) for _, seed in keys]
+    # The same operations at the same strengths, to resampling rounding (measured max 0.066 for RandAugment's
+    # two operations), except equalize: DALI follows OpenCV's formula, torchvision PIL's.
+    difference = per_image(dali - torch_)
+    comparable = [i for i, image_ops in enumerate(ops) if "equalize" not in {op.name for op in image_ops}]
+    assert len(comparable) > 60 and difference[comparable].max() < 0.1, difference[comparable].argmax()
+    # Each erased box is the mean colour (0) in both; about half the images have one.
+    assert 30 < sum(box is not None for box in boxes) < 66
+    for i, box in enumerate(boxes):
+        if box is not None:
+            for images in (dali, torch_):
+                assert not images[i, :, box.top:box.top + box.height, box.left:box.left + box.width].any()
+    # The augmentation happened: the same crops without it differ far more, except where the draw was identity.
+    plain = per_image(dali - first_batches(config(digits_root)))
+    changed = [i for i, image_ops in enumerate(ops) if {op.name for op in image_ops} != {"identity"}]
+    assert plain[changed].mean() > 0.3 and plain[changed].mean() > 5 * difference[comparable].mean()
+    # The seed alone decides: a later start reproduces the same images (what resume relies on); another seed
+    # gives other draws.
+    assert torch.equal(first_batches(cfg, start_batch=1, count=2), dali[32:])
+    assert per_image(first_batches(cfg, seed=1) - dali).mean() > 0.3

@@ -239,13 +239,14 @@ def test_when_no_committed_step_loads_the_run_stops_and_names_them(
 
 
 # Epoch 0 at 8 px, epoch 1 at 12: the crash (step 30) and the resume (from step 28) fall after the change.
-# Mixup and CutMix are on as well.
+# Mixup, CutMix, RandAugment and random erasing are on as well.
 PROGRESSIVE = ["data.image_size=12", "data.progressive_start_size=8", "data.progressive_end_epoch=1",
-               "data.progressive_multiple=4", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"]
+               "data.progressive_multiple=4", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+               "data.auto_augment=rand", "data.random_erasing_prob=0.5"]
 
 
-def test_resume_mid_epoch_after_a_progressive_size_change_and_with_mixing_is_exact(digits_root: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_resume_mid_epoch_after_a_progressive_size_change_and_with_mixing_and_augmentation_is_exact(
+        digits_root: Path, tmp_path: Path) -> None:
     trainer.run(config(digits_root, tmp_path / "whole", *PROGRESSIVE), single_process_context(), [])
     with pytest.raises(Interrupt):
         trainer.run(config(digits_root, tmp_path / "resumed", *PROGRESSIVE), single_process_context(), [CrashAt(30)])
