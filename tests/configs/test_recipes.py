@@ -23,7 +23,8 @@ def test_the_recipes_the_readme_lists_are_shipped() -> None:
         "quickstart", "resnet18-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-8gpu", "resnet50-imagenet-90ep-64gpu",
         "resnet50-imagenet-lars-32k-64gpu", "resnet50-imagenet-zero1-8gpu", "resnet101-imagenet-90ep-8gpu",
         "resnet152-imagenet-90ep-8gpu", "resnet50-synthetic-bench-1gpu",
-        *(f"resnet50-imagenet-ffcv-{epochs}ep-8gpu" for epochs in (16, 24, 32, 40, 88))}
+        *(f"resnet50-imagenet-ffcv-{epochs}ep-8gpu" for epochs in (16, 24, 32, 40, 88)),
+        "resnet50-imagenet-composer-mild-36ep-8gpu", "resnet50-imagenet-rsb-a3-100ep-8gpu"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -43,7 +44,7 @@ def test_each_recipe_resolves_and_builds_its_network(recipe: str) -> None:
         steps_per_epoch = IMAGENET_TRAIN_IMAGES // global_batch
         assert 0 < cfg.checkpoint.interval_steps < steps_per_epoch  # a lost node costs less than an epoch
         assert cfg.data.loader == "dali" and cfg.precision.dtype in ("auto", "bf16") and cfg.precision.channels_last
-        assert cfg.launch.gpus_per_worker == 1 and cfg.optim.label_smoothing == 0.1
+        assert cfg.launch.gpus_per_worker == 1
 
 
 @pytest.mark.parametrize(("recipe", "global_batch", "peak_lr"), [
@@ -60,6 +61,7 @@ def test_imagenet_recipes_scale_as_their_comments_say(recipe: str, global_batch:
     assert cfg.data.batch_size * cfg.launch.num_workers == global_batch
     assert peak_learning_rate(cfg.optim, global_batch) == pytest.approx(peak_lr)
     assert cfg.schedule.epochs == 90 and cfg.schedule.warmup_epochs == 5 and cfg.schedule.decay == "cosine"
+    assert cfg.optim.label_smoothing == 0.1
 
 
 def test_each_recipe_registers_under_a_name_that_says_model_and_data_set() -> None:
@@ -81,3 +83,24 @@ def test_the_ffcv_recipes_ramp_160_to_192_and_validate_at_256_with_flips(epochs:
     assert sizes[:ramp[0] + 1] == [160] * (ramp[0] + 1) and sizes[ramp[1]:] == [192] * (epochs - ramp[1])
     assert cfg.schedule.epochs == epochs and cfg.schedule.decay == "linear"
     assert cfg.data.crop_size(train=False) == 256 and cfg.data.val_flip_average and cfg.model.blurpool
+
+
+def test_the_composer_mild_recipe_grows_88_to_176_px_between_40_and_80_percent_and_keeps_an_ema() -> None:
+    cfg = load_config("resnet50-imagenet-composer-mild-36ep-8gpu")
+    sizes = [cfg.data.crop_size(train=True, epoch=epoch) for epoch in range(36)]
+    assert sizes[:15] == [88] * 15 and sizes[29:] == [176] * 7  # 40% and 80% of 36 epochs
+    assert sizes[15:29] == sorted(sizes[15:29]) and all(size % 4 == 0 for size in sizes)
+    assert cfg.data.crop_size(train=False) == 224 and round(224 / cfg.data.val_crop_ratio) == 232
+    assert cfg.optim.ema_decay ** 100 == pytest.approx(0.5, abs=0.01)  # half-life of 100 steps
+    assert peak_learning_rate(cfg.optim, 2048) == pytest.approx(2.048) and cfg.optim.label_smoothing == 0.08
+    assert cfg.model.blurpool and cfg.schedule.epochs == 36
+
+
+def test_the_rsb_a3_recipe_trains_at_160_with_randaugment_and_mixing_and_validates_at_224() -> None:
+    cfg = load_config("resnet50-imagenet-rsb-a3-100ep-8gpu")
+    assert cfg.data.crop_size(train=True, epoch=0) == 160 and cfg.data.crop_size(train=False) == 224
+    assert cfg.data.val_crop_ratio == 0.95 and cfg.data.auto_augment == "rand"
+    assert (cfg.data.rand_augment_ops, cfg.data.rand_augment_magnitude) == (2, 6)
+    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing_prob) == (0.1, 1.0, 0.0)
+    assert cfg.data.batch_size * cfg.launch.num_workers == 2048 and cfg.schedule.epochs == 100
+    assert cfg.optim.label_smoothing == 0.0
