@@ -107,6 +107,34 @@ def bench_step(args: argparse.Namespace) -> None:
     print(result.as_json() if args.json else result.table())
 
 
+@command("bench accuracy", "time to a val top-1 target for variants of a recipe, side by side in one invocation",
+         *config_arguments(),
+         arg("--target", type=float, default=0.98, help="val top-1 to reach (default: 0.98)"),
+         arg("--variant", action="append", default=None, metavar="NAME=OVERRIDE[,OVERRIDE...]",
+             help="a variant to run (repeatable; the first is the reference; an empty list of overrides is the "
+                  "recipe as it is); default: the quickstart's, with and without progressive resizing"),
+         JSON_ARGUMENT)
+def bench_accuracy(args: argparse.Namespace) -> None:
+    import torch
+
+    from launch.bench.accuracy import QUICKSTART_VARIANTS, as_json, bench_accuracy, table
+    from launch.bench.gpu import machine_facts
+
+    if not 0 < args.target <= 1:
+        raise ConfigError(f"--target={args.target} must be in (0, 1]")
+    variants = dict(QUICKSTART_VARIANTS)
+    if args.variant:
+        variants = {}
+        for given in args.variant:
+            name, equals, changes = given.partition("=")
+            if not equals or not name:
+                raise ConfigError(f"--variant {given!r}: expected NAME=OVERRIDE[,OVERRIDE...]")
+            variants[name] = tuple(change for change in changes.split(",") if change)
+    rows = bench_accuracy(args.config, args.overrides, target=args.target, variants=variants)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(as_json(rows) if args.json else table(rows, config=args.config, machine=machine_facts(device)["device"]))
+
+
 @command("bench data", "images/s of the DALI pipeline against the baseline DataLoader on the same JPEG files",
          arg("--root", default=None, help="an indexed ImageNet-layout tree to read (default: generate --images JPEGs)"),
          arg("--images", type=int, default=512, help="generated training images, 500x375 px at quality 90 "

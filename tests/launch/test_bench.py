@@ -115,3 +115,28 @@ def test_the_median_interval_follows_the_binomial_order_statistics() -> None:
     assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few rounds for more than min and max
     assert trusted([100.0 + i % 3 for i in range(15)])  # 100-102 around a median of 101
     assert not trusted([100.0, 130.0, 80.0, 120.0, 90.0, 110.0, 70.0])  # negative control: a busy machine
+
+
+def test_bench_accuracy_times_each_variant_to_the_target_and_says_which_never_reached_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, digits_root: Path) -> None:
+    common = ["launch.launcher=torchrun", f"launch.runs_dir={tmp_path}", f"data.root={digits_root}",
+              "schedule.epochs=2", "data.image_size=8", "data.batch_size=64"]
+    assert main(["bench", "accuracy", "--target", "0.5", "--json", "--variant", "recipe=",
+                 "--variant", "frozen=optim.lr=1e-6,schedule.warmup_epochs=0", *common]) == 0
+    recipe, frozen = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:])
+    summary = json.loads((Path(recipe["run_dir"]) / "summary.json").read_text())
+    assert recipe["variant"] == "recipe" and recipe["overrides"] == []
+    assert recipe["time_to_target_s"] == summary["time_to_accuracy"]["0.5"]["elapsed_s"] > 0
+    assert recipe["final_top1"] >= 0.5 and summary["stopped_at_target"] == (recipe["epoch"] == 0)
+    # A learning rate of 1e-6 leaves the network at chance (10%): the target is never reached.
+    assert frozen["time_to_target_s"] is None and frozen["final_top1"] < 0.5
+    assert not (tmp_path / "mlflow.db").exists()  # benchmarks are not tracked
+
+    from launch.bench.accuracy import AccuracyRow, table
+
+    rows = [AccuracyRow(variant=name, overrides=(), target=0.98, time_to_target_s=seconds, epoch=epoch,
+                        final_top1=0.981, images_per_s=100.0, wall_time_s=60.0, run_dir="-")
+            for name, seconds, epoch in (("a", 100.0, 7), ("b", 50.0, 5), ("c", None, None))]
+    report = table(rows, config="quickstart", machine="cpu")
+    assert "| b | 50.0 s | 5 | 0.50 |" in report and "| c | not reached | - | - |" in report
+    assert main(["bench", "accuracy", "--variant", "no-equals-sign"]) == 2
