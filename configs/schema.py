@@ -325,7 +325,12 @@ class TrackingConfig:
     experiment: str = "resnet"
     """MLflow experiment the runs are grouped under."""
     register: bool = True
-    """At the end of the run, register its final model as a new version of `model_name` in the MLflow registry."""
+    """At the end of the run, register its model (register_weights) as a new version of `model_name` in the MLflow
+    registry."""
+    register_weights: Literal["final", "best", "ema"] = "final"
+    """Which weights are registered: final: the last step's; best: the kept checkpoint with the highest val
+    top-1; ema: the last step's exponential moving average (needs optim.ema_decay > 0). The version's
+    val_* tags are the scores of those weights, its `registered_weights` tag says which."""
     model_name: str | None = None
     """Registered model the versions go to; None: <model.name>-<data set>, the data set being digits/synthetic
     or the last part of data.root (resnet50-imagenet for /data/imagenet)."""
@@ -399,3 +404,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.tracking.register_weights != "ema" or self.optim.ema_decay > 0, "tracking.register_weights",
+                 self.tracking.register_weights, "needs optim.ema_decay > 0 (no average of the weights is kept)")

@@ -163,6 +163,10 @@ class CheckpointManager:
         """A file of `manifest`'s step, checked against its record there."""
         return self.read(manifest.step, name, expected=manifest.files[name])
 
+    def best(self) -> Manifest | None:
+        """The committed step with the highest val top-1 (`best_of`)."""
+        return best_of(self.committed())
+
     def prune(self) -> None:
         """Keep the newest `keep_last` committed steps and the best by meta['val_top1']; delete the rest,
         and every uncommitted folder older than the newest commit (left by a crash)."""
@@ -170,12 +174,17 @@ class CheckpointManager:
         if not committed:
             return
         keep = {m.step for m in committed[-self.keep_last:]}
-        scored = [m for m in committed if m.meta.get("val_top1") is not None]
-        if scored:
-            keep.add(max(scored, key=lambda m: (m.meta["val_top1"], m.step)).step)
+        if (best := best_of(committed)) is not None:
+            keep.add(best.step)
         newest = committed[-1].step
         committed_steps = {m.step for m in committed}
         for step in self.steps():
             stale = step not in committed_steps and step < newest
             if stale or (step in committed_steps and step not in keep):
                 self.storage.remove(step_folder(step))
+
+
+def best_of(manifests: list[Manifest]) -> Manifest | None:
+    """The step with the highest meta['val_top1'] (the newest of equals); None: none was scored."""
+    scored = [m for m in manifests if m.meta.get("val_top1") is not None]
+    return max(scored, key=lambda m: (m.meta["val_top1"], m.step)) if scored else None

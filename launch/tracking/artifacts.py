@@ -39,8 +39,11 @@ class Trained:
     """What its source says of it: a checkpoint's manifest meta (step, epoch, val_*), or a version's tags."""
 
 
-def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
-    """The network and config of a checkpoint URL or a registry URI (see the module docstring)."""
+def load_trained(source: str, *, tracking_uri: str | None = None, weights: str = "final") -> Trained:
+    """The network and config of a checkpoint URL or a registry URI (see the module docstring). From a
+    run's checkpoints folder, `weights` chooses (tracking.register_weights): final: the newest committed
+    step; best: the committed step with the highest val top-1; ema: the newest step's weight average, whose
+    scores (meta ema_val_*) then stand as its val_*. meta["weights"] says which."""
     if source.startswith("models:/"):
         return _from_registry(source, tracking_uri)
     parent, _, last = source.rstrip("/").rpartition("/")
@@ -52,14 +55,25 @@ def load_trained(source: str, *, tracking_uri: str | None = None) -> Trained:
         if manifest is None:
             raise FileNotFoundError(f"{source}: no committed checkpoint of step {step} there")
     else:
-        manifest = manager.latest()
+        manifest = manager.best() if weights == "best" else manager.latest()
         if manifest is None:
             raise FileNotFoundError(f"{source}: no committed checkpoint there (a run's checkpoints folder, "
-                                    "a step_<n> folder in it, or models:/NAME@ALIAS)")
+                                    "a step_<n> folder in it, or models:/NAME@ALIAS)"
+                                    + (" with a val top-1" if weights == "best" else ""))
     cfg = config_from_dict(manifest.meta["config"], f"{manager.url(manifest.step)}/manifest.json")
+    meta = {**manifest.meta, "weights": weights}
+    file = "model.pt"
+    if weights == "ema":
+        if "ema.pt" not in manifest.files:
+            raise ConfigError(f"{manager.url(manifest.step)}: no EMA weights in this checkpoint (they are kept "
+                              "when optim.ema_decay > 0)")
+        file = "ema.pt"
+        meta.update({key.removeprefix("ema_"): value for key, value in manifest.meta.items()
+                     if key.startswith("ema_val_")})
     network = build_model(cfg.model)
-    network.load_state_dict(from_bytes(manager.read_verified(manifest, "model.pt")))
-    return Trained(network.eval(), cfg, manager.url(manifest.step), manifest.meta)
+    network.load_state_dict(from_bytes(manager.read_verified(manifest, file)))
+    return Trained(network.eval(), cfg, f"{manager.url(manifest.step)}" + ("" if file == "model.pt" else f"/{file}"),
+                   meta)
 
 
 def _from_registry(uri: str, tracking_uri: str | None) -> Trained:

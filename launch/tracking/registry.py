@@ -8,8 +8,9 @@ A registered version holds two things:
 - the run artifacts `weights/step_<n>/model.pt`, the raw state dict, loadable into torchvision's ResNet of
   the same depth (and `trainer.models.build_model` with the same model config) for fine-tuning or logits,
   and `weights/step_<n>/config.yaml`, the config that trained it (a resumed run may have changed it).
-Its tags say where it comes from: val_top1, val_top5, epochs, step, dataset, config_hash, run_id, and
-`weights` (the artifact folder above).
+Its tags say where it comes from: val_top1, val_top5 (of the registered weights), epochs, step, dataset,
+config_hash, run_id, `registered_weights` (final, best or ema: tracking.register_weights) and `weights` (the
+artifact folder above).
 """
 
 from __future__ import annotations
@@ -63,16 +64,18 @@ def model_name(cfg: RunConfig) -> str:
 
 
 def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint_url: str) -> str:
-    """Log the final model of run `run_id` and register it as a new version of `model_name(cfg)`; return its
-    URI (models:/NAME/VERSION). A step already registered for this run (by an attempt Ray restarted after it
-    had registered) is not registered twice."""
+    """Log the model of run `run_id` that tracking.register_weights chooses (final, best or EMA weights) and
+    register it as a new version of `model_name(cfg)`; return its URI (models:/NAME/VERSION). Weights already
+    registered for this run (by an attempt Ray restarted after it had registered) are not registered twice."""
     mlflow = import_extra("mlflow")
-    trained = load_trained(checkpoint_url)  # the newest committed step: the run's final model
+    weights = cfg.tracking.register_weights
+    trained = load_trained(checkpoint_url, weights=weights)
     network, meta = trained.network, trained.meta
     name = model_name(cfg)
     client = mlflow.MlflowClient(tracking_uri)
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-        if version.tags.get("step") == str(meta["step"]):
+        if (version.tags.get("step"), version.tags.get("registered_weights", "final")) == (str(meta["step"]),
+                                                                                            weights):
             return f"models:/{name}/{version.version}"
 
     size = cfg.data.crop_size(train=False)
@@ -87,7 +90,8 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         "blurpool": "true" if cfg.model.blurpool else None,
         "config_hash": config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
         "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
-        "weights": f"weights/{step_folder(meta['step'])}",
+        "weights": f"weights/{step_folder(meta['step'])}" + ("" if weights == "final" else f"-{weights}"),
+        "registered_weights": weights,
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)
@@ -102,7 +106,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         mlflow.log_artifact(str(Path(scratch) / "config.yaml"), artifact_path=tags["weights"])
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
-        f"{cfg.model.name} on {cfg.data.dataset}, step {meta['step']} of run {run_id}: "
+        f"{cfg.model.name} on {cfg.data.dataset}, {weights} weights of step {meta['step']} of run {run_id}: "
         f"val top-1 {tags.get('val_top1', '?')}. Input: {tags['input']}; output: {tags['output']}. "
         f"The raw torchvision state dict is the run's artifact {tags['weights']}/model.pt."))
     return f"models:/{name}/{version.version}"
