@@ -12,6 +12,7 @@ With no `tracking.uri` the store is `sqlite:///<runs_dir>/mlflow.db` with artifa
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import platform
@@ -55,8 +56,14 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def _environment_tags(world_size: int, device: str) -> dict[str, str]:
+    # MLflow's own tags (mlflow.user, mlflow.source.*) fill the UI's "Created by", "Source" and commit.
     tags = {"world_size": str(world_size), "device": device, "host": platform.node(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "mlflow.source.name": "python -m launch train",
+            "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name
+        pass
     for package in ("torch", "torchvision", "nvidia-dali-cuda130", "deepspeed", "ray", "mlflow"):
         try:
             tags[f"version.{package}"] = metadata.version(package)
@@ -68,7 +75,7 @@ def _environment_tags(world_size: int, device: str) -> dict[str, str]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5, check=False).stdout.strip()
         if commit:
-            tags["git_commit"] = commit
+            tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
     except OSError:
         pass
     return tags
@@ -230,9 +237,21 @@ class MlflowSink:
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]]) -> bytes:
-    """A PNG of training loss, learning rate and validation accuracy against the global step."""
+    """A PNG of `curves_figure`."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    figure = curves_figure(history)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Any:
+    """Training and validation loss (log scale), learning rate and validation accuracy against the global
+    step, as a matplotlib figure of three panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,13 +266,13 @@ def plot_curves(history: dict[str, list[tuple[int, float]]]) -> bytes:
                 axis.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
+        if title == "loss" and axis.lines:
+            # Log scale: one early val_loss spike would otherwise flatten the training loss to a line.
+            axis.set_yscale("log")
         if axis.lines:
             axis.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure
 
 
 __all__ = ["MlflowSink", "config_hash", "flatten", "plot_curves"]

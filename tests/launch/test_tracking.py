@@ -5,7 +5,9 @@ that is not worse; a server that dies mid-run and comes back gets every metric, 
 
 from __future__ import annotations
 
+import getpass
 import json
+import math
 import subprocess
 import sys
 import time
@@ -120,6 +122,10 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
     assert run.data.params["optim.lr"] == "0.2" and run.data.params["data.batch_size"] == "64"
     assert run.data.tags["world_size"] == "1" and "version.torch" in run.data.tags and "config_hash" in run.data.tags
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "curves.png"}
+    # MLflow's own tags, which its UI shows as "Created by", "Source" and the commit.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["mlflow.source.name"] == "python -m launch train"
 
     # The second epoch went on in the same MLflow run (its id is in every checkpoint), global steps going on.
     assert len(client.search_runs([run.info.experiment_id])) == 1
@@ -129,6 +135,18 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
     assert manifest is not None and manifest.meta["mlflow"] == {"tracking_uri": server.uri, "run_id": run_id}
     summary = json.loads((runs / "first" / "summary.json").read_text())
     assert summary["tracking_uri"] == server.uri and summary["mlflow_run_id"] == run_id
+
+
+def test_the_loss_panel_is_log_scale_so_an_early_val_loss_spike_leaves_the_training_loss_readable() -> None:
+    from launch.tracking.sink import curves_figure
+
+    figure = curves_figure({"loss": [(1, 2.3), (10, 0.5), (20, 0.02)], "val_loss": [(10, 400.0), (20, 0.05)],
+                            "lr": [(1, 0.1), (20, 0.01)], "val_top1": [(10, 0.1), (20, 0.98)]})
+    loss, lr, accuracy = figure.axes
+    assert loss.get_yscale() == "log" and lr.get_yscale() == accuracy.get_yscale() == "linear"
+    # The training loss spans most of the panel's height instead of a flat line under the spike.
+    low, high = (math.log10(limit) for limit in loss.get_ylim())
+    assert (math.log10(2.3) - math.log10(0.02)) / (high - low) > 0.4
 
 
 def test_a_checkpoint_names_the_run_to_continue(tmp_path: Path) -> None:
