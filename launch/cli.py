@@ -231,7 +231,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 @command("export", "write a trained model as a torchvision state dict and a torch.export program",
          arg("source", help=SOURCE_HELP),
-         arg("--out", required=True, help="folder to write model.pt and model.pt2 into"),
+         arg("--out", required=True, help="folder to write model.pt, model.pt2 and model.json into"),
          TRACKING_URI_ARGUMENT)
 def export(args: argparse.Namespace) -> None:
     from launch.tracking.artifacts import export_trained
@@ -240,8 +240,8 @@ def export(args: argparse.Namespace) -> None:
     written = export_trained(trained, Path(args.out))
     size = trained.cfg.data.crop_size(train=False)
     print(f"{trained.source}:\n  state dict  {written['state_dict']}\n  torch.export  {written['program']} "
-          f"(float32 [N, 3, {size}, {size}], normalised "
-          "with the ImageNet mean/std, -> logits)")
+          f"(float32 [N, 3, {size}, {size}], normalised with the ImageNet mean/std, -> logits)\n"
+          f"  metadata  {written['metadata']} (architecture, how to load it into torchvision, input, classes)")
 
 
 @command("promote", "move a registered model's alias to a version, if its metric passes the gate",

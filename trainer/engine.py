@@ -77,7 +77,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
           watch_for_preemption() as preemption):
         checkpointer = Checkpointer(manager=manager, cfg=cfg, strategy=strategy, ema=ema, ctx=ctx, sinks=sinks,
                                     steps_per_epoch=cadence.steps_per_epoch, global_batch_size=global_batch_size,
-                                    extra_meta=extra_meta, lease=lease)
+                                    classes=loaders.classes, extra_meta=extra_meta, lease=lease)
         meter = IntervalMeter(ctx.device, learner.running_stats(), world_size=ctx.world_size,
                               max_nonfinite_steps=cfg.optim.max_nonfinite_steps, preemption=preemption)
         return train(learner, loaders, cadence, meter, checkpointer, sinks, clock)

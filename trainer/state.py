@@ -201,6 +201,8 @@ class Checkpointer:
     """For the manifest's epoch."""
     global_batch_size: int
     """Recorded, and checked on resume: a step means the same images only with the same global batch."""
+    classes: tuple[str, ...] = ()
+    """The data set's class names (label i is classes[i]), recorded so that a checkpoint describes its outputs."""
     extra_meta: Callable[[], dict[str, Any]] | None = None
     """On the primary process: more facts for each manifest at the moment it is written."""
     lease: WriterLease | None = None
@@ -245,6 +247,7 @@ class Checkpointer:
         meta = checkpoint_meta(self.cfg, step=step, steps_per_epoch=self.steps_per_epoch,
                                global_batch_size=self.global_batch_size, world_size=self.ctx.world_size, val=val)
         meta.update(progress or {})
+        meta["classes"] = list(self.classes)
         if self.extra_meta is not None:
             meta.update(self.extra_meta())
         save_state(self.manager, step, self.strategy, self.ema, self.ctx, meta=meta)

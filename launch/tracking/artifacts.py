@@ -8,6 +8,7 @@ A source is either a checkpoint URL (a run's checkpoints folder, whose newest co
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from configs.errors import ConfigError, IncompatibleSettings
 from configs.extras import import_extra
 from configs.loader import config_from_dict, load_config
 from configs.schema import RunConfig
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.prepare import CLASSES_FILE
 from trainer.checkpoint import STEP_FOLDER, open_checkpoints
 from trainer.dist import single_process_context
 from trainer.engine import prepare_model
@@ -97,8 +100,10 @@ def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
         state = folder / "model.pt"
         network = build_model(cfg.model)
         network.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
-    return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})",
-                   dict(version.tags))
+        meta: dict[str, Any] = dict(version.tags)
+        if (classes := folder / CLASSES_FILE).exists():  # registered since the class names are recorded
+            meta["classes"] = classes.read_text().splitlines()
+    return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})", meta)
 
 
 def evaluate_trained(trained: Trained, *, data_root: str | None = None, overrides: dict[str, Any] | None = None,
@@ -124,9 +129,38 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
     return evaluate(network, loaders.val, precision, channels_last=channels_last, flip_average=data.val_flip_average)
 
 
+def export_metadata(trained: Trained) -> dict[str, Any]:
+    """What a consumer of the exported files needs to know: the architecture (and whether torchvision's own
+    constructor builds it), the input the program takes and how to make it from an image, the outputs and
+    the class names, and where the weights came from."""
+    model = trained.cfg.model
+    size = trained.cfg.data.crop_size(train=False)
+    stem = []
+    if model.small_input:
+        stem.append("m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False); "
+                    "m.maxpool = torch.nn.Identity()")
+    return {
+        "architecture": model.name, "num_classes": model.num_classes, "small_input": model.small_input,
+        "blurpool": model.blurpool,
+        # Loading into torchvision: its constructor builds the default stem, so a small-input network needs
+        # its stem replaced first; a BlurPool network has extra layers torchvision does not build at all.
+        "load_into_torchvision": None if model.blurpool else "; ".join([
+            f"m = torchvision.models.{model.name}(num_classes={model.num_classes})", *stem,
+            "m.load_state_dict(torch.load('model.pt', weights_only=True))"]),
+        "input": {"program": f"float32 [N, 3, {size}, {size}] (NCHW), N dynamic", "size": size,
+                  "preprocessing": f"RGB; resize the shorter side to {size / trained.cfg.data.val_crop_ratio:.0f} px "
+                                   f"and centre-crop {size} px; divide by 255; subtract mean, divide by std",
+                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "output": f"logits [N, {model.num_classes}]; class i is classes[i]",
+        "classes": trained.meta.get("classes"),
+        "source": trained.source, "step": trained.meta.get("step"), "val_top1": trained.meta.get("val_top1"),
+    }
+
+
 def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
-    """Write `out/model.pt` (the torchvision-compatible state dict) and `out/model.pt2` (a torch.export program:
-    float32 images [N, 3, S, S], normalised as in training, to logits [N, classes]; N is dynamic)."""
+    """Write `out/model.pt` (the torchvision-compatible state dict), `out/model.pt2` (a torch.export program:
+    float32 images [N, 3, S, S], normalised as in training, to logits [N, classes]; N is dynamic) and
+    `out/model.json` (`export_metadata`)."""
     out.mkdir(parents=True, exist_ok=True)
     network = prepare_model(trained.network, torch.device("cpu"), channels_last=False).eval()
     state = out / "model.pt"
@@ -136,7 +170,9 @@ def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
     program = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     exported = out / "model.pt2"
     torch.export.save(program, exported)
-    return {"state_dict": state, "program": exported}
+    metadata = out / "model.json"
+    metadata.write_text(json.dumps(export_metadata(trained), indent=2) + "\n")
+    return {"state_dict": state, "program": exported, "metadata": metadata}
 
 
 __all__ = ["Trained", "evaluate_trained", "export_trained", "load_trained"]

@@ -30,6 +30,7 @@ from configs.errors import ConfigError
 from configs.loader import dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.prepare import CLASSES_FILE
 from launch.tracking.artifacts import load_trained
 from launch.tracking.sink import config_hash
 from trainer.checkpoint import step_folder
@@ -104,6 +105,9 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         (Path(scratch) / "config.yaml").write_text(dump_config(cfg))
         mlflow.log_artifact(str(Path(scratch) / "model.pt"), artifact_path=tags["weights"])
         mlflow.log_artifact(str(Path(scratch) / "config.yaml"), artifact_path=tags["weights"])
+        if meta.get("classes"):
+            (Path(scratch) / CLASSES_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
+            mlflow.log_artifact(str(Path(scratch) / CLASSES_FILE), artifact_path=tags["weights"])
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
         f"{cfg.model.name} on {cfg.data.dataset}, {weights} weights of step {meta['step']} of run {run_id}: "

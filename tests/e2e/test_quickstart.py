@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from configs import load_config
 
@@ -75,3 +76,19 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
     assert logits.shape == (3, 10)
     state = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
     assert "fc.weight" in state and state["conv1.weight"].shape == (64, 3, 3, 3)  # the small-input stem
+    # model.json says what the files are; its torchvision recipe builds the same network (the small-input
+    # stem replaced), which torchvision's constructor alone cannot load.
+    metadata = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert metadata["classes"] == [str(digit) for digit in range(10)] and metadata["small_input"]
+    assert metadata["architecture"] == "resnet18" and metadata["input"]["size"] == 16
+    namespace = {"torch": torch, "torchvision": torchvision}
+    exec(metadata["load_into_torchvision"].replace("'model.pt'", repr(str(tmp_path / "export" / "model.pt"))),
+         namespace)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(namespace["m"].eval()(images), program(images), atol=1e-4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        torchvision.models.resnet18(num_classes=10).load_state_dict(state)
+    # Exported from the registry, the version's class names come along.
+    launch("export", "models:/resnet18-digits@staging", "--tracking-uri", store, "--out", str(tmp_path / "registry"))
+    assert json.loads((tmp_path / "registry" / "model.json").read_text())["classes"] == metadata["classes"]
