@@ -148,8 +148,9 @@ def export_metadata(trained: Trained) -> dict[str, Any]:
             f"m = torchvision.models.{model.name}(num_classes={model.num_classes})", *stem,
             "m.load_state_dict(torch.load('model.pt', weights_only=True))"]),
         "input": {"program": f"float32 [N, 3, {size}, {size}] (NCHW), N dynamic", "size": size,
-                  "preprocessing": f"RGB; resize the shorter side to {size / trained.cfg.data.val_crop_ratio:.0f} px "
-                                   f"and centre-crop {size} px; divide by 255; subtract mean, divide by std",
+                  "crop_ratio": trained.cfg.data.val_crop_ratio,
+                  "preprocessing": f"RGB; the centred square of crop_ratio x the shorter side, resized to {size} x "
+                                   f"{size} px (bilinear); divide by 255; subtract mean, divide by std",
                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "output": f"logits [N, {model.num_classes}]; class i is classes[i]",
         "classes": trained.meta.get("classes"),

@@ -1,10 +1,11 @@
 """The MLflow model registry: registering a run's model, and moving an alias through a metric gate.
 
 A registered version holds two things:
-- `model/`: an MLflow pytorch model in the pt2 (torch.export) format, no pickle. It takes what an image
-  library gives, uint8 RGB images of shape [N, S, S, 3] (S = the validation crop size: data.val_image_size
-  or data.image_size; resize or centre-crop first), normalises them as training did and returns class ids [N] (int64).
-  `mlflow.pyfunc.load_model("models:/NAME@production").predict(images)` is all a consumer needs.
+- `model/`: an MLflow pyfunc "model from code" (`served_model.py`, no pickle) over the torch.export program
+  and model.json that `export` writes. It takes what clients have, uint8 RGB images of any size or encoded
+  JPEG/PNG files, crops and normalises them as the run's evaluation did, and returns class ids, class names
+  and probabilities with the top-k. `mlflow.pyfunc.load_model("models:/NAME@production").predict(images)`
+  or `mlflow models serve -m models:/NAME@production` is all a consumer needs.
 - the run artifacts `weights/step_<n>/model.pt`, the raw state dict, loadable into torchvision's ResNet of
   the same depth (and `trainer.models.build_model` with the same model config) for fine-tuning or logits,
   and `weights/step_<n>/config.yaml`, the config that trained it (a resumed run may have changed it).
@@ -23,33 +24,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from configs.extras import import_extra
 from configs.errors import ConfigError
 from configs.loader import dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.prepare import CLASSES_FILE
-from launch.tracking.artifacts import load_trained
+from launch.tracking.artifacts import export_trained, load_trained
 from launch.tracking.sink import config_hash
 from trainer.checkpoint import step_folder
 
-class ImageClassifier(nn.Module):
-    """uint8 RGB images [N, H, W, 3] in, class ids [N] out: the network with its input normalisation."""
+def served_signature() -> Any:
+    """The served model's outputs and its `top_k` parameter. No input schema: MLflow would cast what clients
+    send to it (float pixels to uint8, silently), and the model takes arrays of any size and encoded files,
+    checking them itself (launch/tracking/served_model.py)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.permute(0, 3, 1, 2).float()
-        return self.network((pixels - self.mean) / self.std).argmax(dim=1)
+    outputs = Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"), ColSpec("double", "probability"),
+                      ColSpec(Array("long"), "top_k_ids"), ColSpec(Array("string"), "top_k_names"),
+                      ColSpec(Array("double"), "top_k_probabilities")])
+    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("top_k", "long", 5)]))
 
 
 def dataset_name(cfg: RunConfig) -> str:
@@ -80,27 +76,28 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
             return f"models:/{name}/{version.version}"
 
     size = cfg.data.crop_size(train=False)
-    classifier = ImageClassifier(network).eval()
     example = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
-    with torch.no_grad():
-        predicted = classifier(torch.from_numpy(example)).numpy()
-    signature = import_extra("mlflow.models").infer_signature(example, predicted)
     tags = {
         "val_top1": meta.get("val_top1"), "val_top5": meta.get("val_top5"), "epochs": meta["epoch"],
         "step": meta["step"], "dataset": dataset_name(cfg), "data_root": cfg.data.root,
         "blurpool": "true" if cfg.model.blurpool else None,
         "config_hash": config_hash(cfg), "run_id": run_id, "checkpoint_url": checkpoint_url,
-        "input": f"uint8 RGB images [N, {size}, {size}, 3]", "output": "class ids [N]",
+        "input": "uint8 RGB images [N, H, W, 3] of any size, or encoded JPEG/PNG files",
+        "output": "class_id, class_name, probability, top_k_ids, top_k_names, top_k_probabilities",
         "weights": f"weights/{step_folder(meta['step'])}" + ("" if weights == "final" else f"-{weights}"),
         "registered_weights": weights,
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="register-") as scratch:
+        exported = export_trained(trained, Path(scratch) / "export")
         # Explicit requirements: inferring them would load the model in a subprocess.
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
-        info = mlflow.pytorch.log_model(classifier, name="model", signature=signature, input_example=example,
-                                        serialization_format="pt2", pip_requirements=requirements)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy",
+                        "pandas", "pillow"]
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("served_model.py")),
+            artifacts={"program": str(exported["program"]), "metadata": str(exported["metadata"])},
+            signature=served_signature(), input_example=example, pip_requirements=requirements)
         torch.save(network.state_dict(), Path(scratch) / "model.pt")
         (Path(scratch) / "config.yaml").write_text(dump_config(cfg))
         mlflow.log_artifact(str(Path(scratch) / "model.pt"), artifact_path=tags["weights"])
@@ -208,5 +205,5 @@ def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: s
     return decision
 
 
-__all__ = ["Decision", "ImageClassifier", "decide", "model_name", "promote",
+__all__ = ["Decision", "decide", "model_name", "promote",
            "register_model"]

@@ -5,16 +5,28 @@ gloo), tracked in the embedded MLflow store, its model registered and passed thr
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
+from PIL import Image
+
 from configs import load_config
+from tests.multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,3 +104,65 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
     # Exported from the registry, the version's class names come along.
     launch("export", "models:/resnet18-digits@staging", "--tracking-uri", store, "--out", str(tmp_path / "registry"))
     assert json.loads((tmp_path / "registry" / "model.json").read_text())["classes"] == metadata["classes"]
+
+    # Served by MLflow's own server, as README says (from the activated environment), to clients that send the
+    # digits at their stored 32 px (training used 16) or as JPEG files: class names and probabilities come
+    # back; floats are refused with a 400 that says what to send.
+    files = sorted((digits_root / "val").glob("*/*.JPEG"))[::3]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    assert images.shape[1:] == (32, 32, 3)
+    with serving("models:/resnet18-digits@staging", store) as invoke:
+        status, answer = invoke({"inputs": images.tolist(), "params": {"top_k": 3}})
+        assert status == 200, answer
+        predictions = answer["predictions"]
+        names = [p["class_name"] for p in predictions]
+        assert abs(np.mean([n == f.parent.name for n, f in zip(names, files, strict=True)]) - summary["val_top1"]) < 0.1
+        for p in predictions:
+            assert p["top_k_names"][0] == p["class_name"] and len(p["top_k_names"]) == 3
+            assert p["top_k_probabilities"] == sorted(p["top_k_probabilities"], reverse=True)
+            assert p["probability"] == p["top_k_probabilities"][0] and 0 < sum(p["top_k_probabilities"]) <= 1.0001
+        encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
+        status, from_files = invoke({"inputs": {"image": encoded}})
+        assert status == 200 and [p["class_name"] for p in from_files["predictions"]] == names
+        status, refused = invoke({"inputs": (images[:2] / 255).tolist()})
+        assert status == 400 and "send uint8 RGB values 0..255" in refused["message"], refused
+        status, refused = invoke({"inputs": {"image": [base64.b64encode(b"not a picture").decode()]}})
+        assert status == 400 and "not a decodable JPEG/PNG image" in refused["message"], refused
+
+
+@contextlib.contextmanager
+def serving(model_uri: str, store: str) -> Iterator[Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
+    """`mlflow models serve` of `model_uri` on 127.0.0.1, with the virtual environment's bin first on PATH (what
+    activating it does); yields a function that posts a JSON body to /invocations and returns (status, JSON)."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": store}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def invoke(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+            time.sleep(0.5)
+        yield invoke
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

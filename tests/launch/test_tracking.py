@@ -169,7 +169,7 @@ PREDICT = """
 import sys, mlflow, numpy as np
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
-np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3]))["class_id"].to_numpy())
 """
 
 
