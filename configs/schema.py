@@ -341,6 +341,12 @@ class TrackingConfig:
     """The version tag the promotion gate compares."""
     promote_min: float | None = None
     """The floor the gate requires of `promote_metric`; None: no floor."""
+    promote_eval_data: str | None = None
+    """Folder or URL of an indexed data set whose val split the gate scores the new version and the alias's
+    holder on at the end of the run (in its primary process), comparing those scores; None: the versions' own
+    val tags."""
+    promote_max_regression: float = 0.0
+    """How far below the holder's metric the new version may be and still take the alias."""
     top1_thresholds: tuple[float, ...] = (0.5, 0.7, 0.75, 0.76, 0.78, 0.9, 0.95, 0.98)
     """Val top-1 levels whose time to accuracy the run records (elapsed time and device-hours of the first
     evaluation reaching each; schedule.target_top1 is always one), in metrics, summary.json and MLflow."""
@@ -350,6 +356,8 @@ class TrackingConfig:
         thresholds = list(self.top1_thresholds)
         _require(thresholds == sorted(set(thresholds)) and all(0 < t <= 1 for t in thresholds), "top1_thresholds",
                  self.top1_thresholds, "must be increasing fractions in (0, 1]")
+        _require(self.promote_max_regression >= 0, "promote_max_regression", self.promote_max_regression,
+                 "must be >= 0")
         _require(self.promote_alias is None or RESERVED_ALIAS.match(self.promote_alias) is None, "promote_alias",
                  self.promote_alias, "is reserved by MLflow (v<number>, latest)")
 

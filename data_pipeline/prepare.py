@@ -12,6 +12,7 @@ marks a complete index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -166,3 +167,11 @@ def read_index(folder: Path, root: Path, split: str) -> SplitIndex:
         path, label, width, height, num_bytes = line.split(" ")
         samples.append(Sample(path, int(label), int(width), int(height), int(num_bytes)))
     return SplitIndex(root=root / split, classes=classes, samples=tuple(samples))
+
+
+def index_digest(folder: Path, split: str) -> str:
+    """A fingerprint of what a split's index lists (classes, files, labels, sizes): 16 hex digits of the SHA-256
+    of classes.txt and <split>.txt. Two evaluations with the same digest scored the same images."""
+    digest = hashlib.sha256((folder / CLASSES_FILE).read_bytes())
+    digest.update((folder / f"{split}.txt").read_bytes())
+    return digest.hexdigest()[:16]

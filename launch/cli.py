@@ -253,6 +253,11 @@ def export(args: argparse.Namespace) -> None:
          arg("--force", action="store_true",
              help="move the alias even if the gate refuses (the reason records what was overridden)"),
          arg("--dry-run", action="store_true", help="print the decision without moving anything"),
+         arg("--eval-data", default=None, metavar="ROOT|URL",
+             help="score the candidate and the alias's holder here, on this indexed data set's val split, and "
+                  "compare those scores (default: trust the versions' own tags)"),
+         arg("--max-regression", type=float, default=0.0,
+             help="how far below the holder's metric the candidate may be (default: 0)"),
          TRACKING_URI_ARGUMENT)
 def promote(args: argparse.Namespace) -> None:
     from launch.tracking.registry import promote
@@ -260,8 +265,11 @@ def promote(args: argparse.Namespace) -> None:
 
     uri = command_tracking_uri(args.tracking_uri)
     limit_http_calls(timeout_s=10, max_retries=1)  # a dead server: an error in seconds
+    if args.max_regression < 0:
+        raise ConfigError(f"--max-regression={args.max_regression} must be >= 0")
     decision = promote(uri, args.name, args.version, args.alias, metric=args.metric, minimum=args.minimum,
-                       force=args.force, dry_run=args.dry_run)
+                       force=args.force, dry_run=args.dry_run, max_regression=args.max_regression,
+                       eval_data=args.eval_data)
     print(decision.describe(dry_run=args.dry_run))
     if not decision.accepted:
         raise PromotionRefused(decision.reason)

@@ -89,7 +89,9 @@ def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -
         if cfg.tracking.promote_alias is not None:
             version = model_uri.rsplit("/", 1)[1]
             decision = registry.promote(tracker.uri, registry.model_name(cfg), version, cfg.tracking.promote_alias,
-                                        metric=cfg.tracking.promote_metric, minimum=cfg.tracking.promote_min)
+                                        metric=cfg.tracking.promote_metric, minimum=cfg.tracking.promote_min,
+                                        max_regression=cfg.tracking.promote_max_regression,
+                                        eval_data=cfg.tracking.promote_eval_data)
             summary = replace(summary, promotion=decision.describe(dry_run=False))
             print(f"mlflow: {summary.promotion}", flush=True)
     except Exception as error:  # noqa: BLE001 - reported, and the summary says what is missing

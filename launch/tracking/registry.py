@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from configs.extras import import_extra
 from configs.errors import ConfigError
 from configs.loader import dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
+from data_pipeline.index import DatasetError
 from data_pipeline.prepare import CLASSES_FILE
-from launch.tracking.artifacts import export_trained, load_trained
+from launch.tracking.artifacts import evaluate_trained, export_trained, load_trained
 from launch.tracking.sink import config_hash
 from trainer.checkpoint import step_folder
 
@@ -114,6 +115,36 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
 
 
 @dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One version scored by the gate itself on held-out data."""
+
+    scores: dict[str, float]
+    """val_top1, val_top5, val_loss, val_images."""
+    data: str
+    """The data set's root (folder or URL)."""
+    digest: str
+    """`index_digest` of its val split: evaluations with the same digest scored the same images."""
+
+    def tags(self) -> dict[str, str]:
+        """What the version records of it (`eval.*`)."""
+        return {**{f"eval.{key}": f"{value:.6g}" for key, value in self.scores.items()}, "eval.data": self.data,
+                "eval.data_digest": self.digest}
+
+
+def evaluate_version(client: Any, uri: str, data: str) -> Evaluation:
+    """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`,
+    with its own evaluation preprocessing, in this process."""
+    from data_pipeline import prepare_dataset
+    from data_pipeline.prepare import index_digest, index_folder
+
+    trained = load_trained(uri, tracking_uri=client.tracking_uri)
+    data_cfg = replace(trained.cfg.data, dataset="folder", root=data, index_dir=None)
+    root, index_dir = prepare_dataset(data_cfg)
+    scores = evaluate_trained(trained, data_root=data, overrides={"dataset": "folder"})
+    return Evaluation(scores=scores, data=data, digest=index_digest(index_folder(root, index_dir), "val"))
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """What the gate decided for moving `alias` to `version`."""
 
@@ -124,19 +155,29 @@ class Decision:
     reason: str
     previous: str | None
     """The version that held the alias before (None: no holder)."""
+    evaluations: dict[str, Evaluation] | None = None
+    """Version -> the gate's own scores (with --eval-data); None: the versions' tags were trusted."""
 
     def describe(self, *, dry_run: bool) -> str:
         what = f"{self.name} version {self.version} -> @{self.alias}"
+        basis = "trusting the versions' own tags (no --eval-data)"
+        if self.evaluations:
+            scored = ", ".join(f"version {v} top-1 {e.scores['val_top1']:.4f}" for v, e in self.evaluations.items())
+            first = next(iter(self.evaluations.values()))
+            basis = (f"scored here on {first.data} ({first.scores['val_images']:.0f} images, index "
+                     f"{first.digest}): {scored}")
         if not self.accepted:
-            return f"{'would refuse' if dry_run else 'refused'}: {what}: {self.reason}"
+            return f"{'would refuse' if dry_run else 'refused'}: {what}: {self.reason}; {basis}"
         if self.previous == self.version:
             return f"unchanged: {what}: it already holds the alias"
-        return f"{'would promote' if dry_run else 'promoted'}: {what}: {self.reason}"
+        return f"{'would promote' if dry_run else 'promoted'}: {what}: {self.reason}; {basis}"
 
 
 def decide(client: Any, name: str, version: str, alias: str, *, metric: str, minimum: float | None,
-           force: bool) -> Decision:
-    """The gate: the candidate's `metric` tag must reach `minimum` and must not be below the current holder's."""
+           force: bool, max_regression: float = 0.0, eval_data: str | None = None) -> Decision:
+    """The gate: the candidate's `metric` must reach `minimum` and must not be below the current holder's by
+    more than `max_regression`. With `eval_data` both versions are scored here, on that data, and those
+    scores are compared; without it, the versions' `metric` tags are."""
     if RESERVED_ALIAS.match(alias):
         raise ConfigError(f"alias {alias!r} is reserved by MLflow (v<number>, latest): choose another, e.g. production")
     mlflow_exceptions = import_extra("mlflow.exceptions")
@@ -149,8 +190,14 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
     except mlflow_exceptions.MlflowException:
         holder = None
     previous = None if holder is None else str(holder.version)
+    evaluations = None
+    if eval_data is not None:
+        evaluations = {str(v.version): evaluate_version(client, f"models:/{name}/{v.version}", eval_data)
+                       for v in (candidate, holder) if v is not None}
 
     def value(model_version: Any) -> float | None:
+        if evaluations is not None:
+            return evaluations[str(model_version.version)].scores.get(metric)
         raw = model_version.tags.get(metric)
         return None if raw is None else float(raw)
 
@@ -162,40 +209,50 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
     else:
         if minimum is not None and score < minimum:
             problems.append(f"{metric} {score:.4f} is below the floor {minimum:.4f}")
-        if held is not None and score < held:
-            problems.append(f"{metric} {score:.4f} is worse than version {previous}'s {held:.4f}, which holds "
-                            f"@{alias}")
+        if held is not None and score < held - max_regression:
+            allowed = f" by more than {max_regression:.4f}" if max_regression else ""
+            problems.append(f"{metric} {score:.4f} is worse than version {previous}'s {held:.4f}{allowed}, which "
+                            f"holds @{alias}")
     if previous == str(version):
-        return Decision(name, alias, str(version), True, "already holds the alias", previous)
+        return Decision(name, alias, str(version), True, "already holds the alias", previous, evaluations)
     if problems and not force:
-        return Decision(name, alias, str(version), False, "; ".join(problems), previous)
+        return Decision(name, alias, str(version), False, "; ".join(problems), previous, evaluations)
     if problems:
         reason = "forced despite: " + "; ".join(problems)
     else:
         reasons = [f"{metric} {score:.4f}"]
         if minimum is not None:
             reasons.append(f">= floor {minimum:.4f}")
-        reasons.append(f">= version {previous}'s {held:.4f}" if held is not None else
+        reasons.append((f">= version {previous}'s {held:.4f}" + (f" - {max_regression:.4f}" if max_regression else ""))
+                       if held is not None else
                        f"(version {previous} held it without {metric})" if previous else "(no previous holder)")
         reason = " ".join(reasons)
-    return Decision(name, alias, str(version), True, reason, previous)
+    return Decision(name, alias, str(version), True, reason, previous, evaluations)
 
 
 def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: str = "val_top1",
-            minimum: float | None = None, force: bool = False, dry_run: bool = False) -> Decision:
+            minimum: float | None = None, force: bool = False, dry_run: bool = False, max_regression: float = 0.0,
+            eval_data: str | None = None) -> Decision:
     """Move `alias` of registered model `name` to `version` if the gate allows (see `decide`), recording the
-    previous holder and the reason as tags of both versions."""
+    previous holder and the reason as tags of both versions; with `eval_data`, also each version's scores
+    there (`eval.*`) and the decision (`<alias>.decision`), accepted or not."""
     mlflow = import_extra("mlflow")
     client = mlflow.MlflowClient(tracking_uri)
     try:
-        decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force)
-    except (ConfigError, OSError):
+        decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force,
+                          max_regression=max_regression, eval_data=eval_data)
+    except (ConfigError, OSError, DatasetError):
         raise
     except Exception as error:  # an unreachable server, a store that is not an MLflow store
         raise ConfigError(f"tracking URI {tracking_uri}: {type(error).__name__}: {error}") from None
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if decision.evaluations is not None and not dry_run:
+        for scored, evaluation in decision.evaluations.items():
+            for key, value in {**evaluation.tags(), "eval.at": when,
+                               f"{alias}.decision": decision.describe(dry_run=False)}.items():
+                client.set_model_version_tag(name, scored, key, value)
     if dry_run or not decision.accepted or decision.previous == decision.version:
         return decision
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, f"{alias}.promoted_at", when)
     client.set_model_version_tag(name, version, f"{alias}.previous", decision.previous or "none")

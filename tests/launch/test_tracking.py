@@ -267,6 +267,52 @@ def test_promotion_moves_the_alias_only_through_the_gate(recorded: tuple[Server,
         promote(server.uri, "resnet18-digits", "9", "production")
 
 
+def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorded: tuple[Server, Path],
+                                                                          digits_root: Path) -> None:
+    from mlflow import MlflowClient
+
+    from data_pipeline.prepare import index_digest, index_folder
+    from launch.tracking.artifacts import evaluate_trained, load_trained
+    from launch.tracking.registry import promote
+
+    server, _ = recorded
+    client = MlflowClient(server.uri)
+    assert promote(server.uri, "resnet18-digits", "1", "gated").accepted  # the holder to beat
+    command = [sys.executable, "-m", "launch", "promote", "resnet18-digits", "--alias", "gated", "--version", "2",
+               "--tracking-uri", server.uri, "--eval-data", str(digits_root)]
+    gated = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # Both versions were scored here, on the same images, and recorded it.
+    scores = {}
+    for version in ("1", "2"):
+        tags = client.get_model_version("resnet18-digits", version).tags
+        assert tags["eval.val_images"] == "355" and tags["eval.data"] == str(digits_root)
+        assert tags["eval.data_digest"] == index_digest(index_folder(digits_root, None), "val")
+        assert tags["gated.decision"].startswith("promoted" if gated.returncode == 0 else "refused")
+        scores[version] = float(tags["eval.val_top1"])
+    # The same score as evaluating the registered weights by hand (the tag is rounded to 6 digits).
+    by_hand = evaluate_trained(load_trained("models:/resnet18-digits/2", tracking_uri=server.uri),
+                               data_root=str(digits_root))
+    assert scores["2"] == pytest.approx(by_hand["val_top1"], abs=1e-6)
+    # Accepted exactly when the candidate scored at least the holder's, and the output says so.
+    assert (gated.returncode == 0) == (scores["2"] >= scores["1"]), gated.stdout + gated.stderr
+    assert f"scored here on {digits_root} (355 images, index" in gated.stdout
+    # Refused by the floor all the same, and without --eval-data the tags are trusted and it says so.
+    refused = promote(server.uri, "resnet18-digits", "2", "floored", minimum=1.0, eval_data=str(digits_root),
+                      dry_run=True)
+    assert not refused.accepted and "below the floor" in refused.reason
+    trusted = promote(server.uri, "resnet18-digits", "2", "trusting", dry_run=True)
+    assert "trusting the versions' own tags (no --eval-data)" in trusted.describe(dry_run=True)
+    # A holder better by less than --max-regression lets a worse candidate through.
+    worse, better = sorted(scores, key=scores.__getitem__)
+    if scores[better] > scores[worse]:
+        client.set_registered_model_alias("resnet18-digits", "gated", better)
+        allowed = promote(server.uri, "resnet18-digits", worse, "gated", eval_data=str(digits_root), dry_run=True,
+                          max_regression=scores[better] - scores[worse] + 0.001)
+        assert allowed.accepted
+        assert not promote(server.uri, "resnet18-digits", worse, "gated", eval_data=str(digits_root),
+                           dry_run=True).accepted
+
+
 def test_a_server_outage_mid_run_loses_no_metric(server: Server, digits_root: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
