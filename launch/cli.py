@@ -244,6 +244,28 @@ def export(args: argparse.Namespace) -> None:
           f"  metadata  {written['metadata']} (architecture, how to load it into torchvision, input, classes)")
 
 
+@command("predict", "classify image files with a checkpoint or a registered model, as its served model would",
+         arg("source", help=SOURCE_HELP),
+         arg("images", nargs="+", help="image files, or folders to take every .jpg/.jpeg/.png under"),
+         arg("--top-k", type=int, default=5, help="classes to list per image (default: 5)"),
+         TRACKING_URI_ARGUMENT, JSON_ARGUMENT)
+def predict(args: argparse.Namespace) -> None:
+    from launch.tracking.artifacts import image_files, predict_files
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k={args.top_k} must be >= 1")
+    files = image_files(args.images)
+    trained = _load_trained(args.source, args.tracking_uri)
+    answers = predict_files(trained, files, top_k=args.top_k)
+    for row in answers.to_dict(orient="records"):
+        if args.json:
+            print(json.dumps(row))
+        else:
+            top = ", ".join(f"{name} {100 * p:.1f}%" for name, p in zip(row["top_k_names"],
+                                                                        row["top_k_probabilities"], strict=True))
+            print(f"{row['file']}: {row['class_name']} ({100 * row['probability']:.1f}%)   top-{args.top_k}: {top}")
+
+
 @command("promote", "move a registered model's alias to a version, if its metric passes the gate",
          arg("name", help="registered model name, e.g. resnet50-imagenet"),
          arg("--version", required=True, help="the model version to promote"),

@@ -176,4 +176,48 @@ def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
     return {"state_dict": state, "program": exported, "metadata": metadata}
 
 
-__all__ = ["Trained", "evaluate_trained", "export_trained", "load_trained"]
+
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+"""Files `predict` takes from a folder (any case)."""
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files named, and the image files under the folders named (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{given}: no such file or folder")
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(paths)}")
+    return files
+
+
+def predict_files(trained: Trained, files: list[Path], *, top_k: int) -> Any:
+    """Classify image files with `trained` exactly as its served model would (the same code, over the same
+    exported program and metadata): a DataFrame of class_id, class_name, probability and the top-k."""
+    from types import SimpleNamespace
+
+    from launch.tracking.served_model import ImageClassifierModel
+
+    with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
+        written = export_trained(trained, Path(scratch))
+        model = ImageClassifierModel()
+        model.load_context(SimpleNamespace(artifacts={"program": str(written["program"]),
+                                                      "metadata": str(written["metadata"])}))
+    answers = []
+    for file in files:
+        try:
+            answers.append(model.predict(None, [file.read_bytes()], params={"top_k": top_k}))
+        except Exception as error:  # an undecodable file: named, with the served model's reason
+            raise ConfigError(f"{file}: {getattr(error, 'message', error)}") from None
+    import pandas as pd
+
+    return pd.concat(answers, ignore_index=True).assign(file=[str(file) for file in files])
+__all__ = ["Trained", "evaluate_trained", "export_trained", "image_files", "load_trained", "predict_files"]

@@ -24,6 +24,7 @@ import base64
 import binascii
 import io
 import json
+import warnings
 from typing import Any
 
 import mlflow
@@ -34,6 +35,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image, UnidentifiedImageError
+
+
+# MLflow asks for type hints on `predict` to validate inputs by them; this model checks its inputs itself.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 
 def _refuse(message: str) -> MlflowException:

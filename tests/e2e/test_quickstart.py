@@ -105,6 +105,17 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
     launch("export", "models:/resnet18-digits@staging", "--tracking-uri", store, "--out", str(tmp_path / "registry"))
     assert json.loads((tmp_path / "registry" / "model.json").read_text())["classes"] == metadata["classes"]
 
+    # `predict` classifies files with the registered version as its served model would, and names a bad file.
+    threes = launch("predict", "models:/resnet18-digits@staging", "--tracking-uri", store,
+                    str(digits_root / "val" / "3"), "--top-k", "3", "--json").stdout.splitlines()
+    answers = [json.loads(line) for line in threes]
+    assert len(answers) == len(list((digits_root / "val" / "3").glob("*.JPEG"))) and len(answers[0]["top_k_names"]) == 3
+    assert np.mean([a["class_name"] == "3" for a in answers]) > summary["val_top1"] - 0.2
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")
+    broken = subprocess.run([sys.executable, "-m", "launch", "predict", summary["checkpoint_url"],
+                             str(tmp_path / "broken.jpg")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and "broken.jpg: an input of 13 bytes is not a decodable" in broken.stderr
+
     # Served by MLflow's own server, as README says (from the activated environment), to clients that send the
     # digits at their stored 32 px (training used 16) or as JPEG files: class names and probabilities come
     # back; floats are refused with a 400 that says what to send.
