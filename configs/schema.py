@@ -48,6 +48,11 @@ class ModelConfig:
     """Anti-aliased downsampling (BlurPool, Zhang 2019, as FFCV's and Composer's ResNet recipes use it): strided
     convolutions and the max-pool blur first. The state dict keeps torchvision's names, but the function
     differs: checkpoints and registered versions record it."""
+    init_from: str | None = None
+    """Fine-tuning: start from these weights instead of random ones (a fresh optimizer and schedule): a
+    torchvision-layout state dict file or URL (e.g. torchvision's ImageNet weights), a run's checkpoints
+    folder or step folder, or a registered model (models:/NAME/VERSION or @ALIAS). A classifier of another
+    number of classes is re-initialised. A run that resumes from its own checkpoint ignores it."""
 
     def __post_init__(self) -> None:
         _require(self.num_classes >= 2, "num_classes", self.num_classes, "must be >= 2")

@@ -19,6 +19,7 @@ from trainer.cadence import Cadence
 from trainer.checkpoint import open_checkpoints
 from trainer.dist import DistContext
 from trainer.ema import Ema
+from trainer.init import apply_initial_state
 from trainer.lease import Claimant, hold_writer_lease
 from trainer.loop import Learner, TrainResult, train
 from trainer.meter import IntervalMeter
@@ -35,10 +36,16 @@ from trainer.time_to_accuracy import TimeToAccuracy
 
 
 def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
-        extra_meta: Callable[[], dict[str, Any]] | None = None, claimant: Claimant | None = None) -> TrainResult:
+        extra_meta: Callable[[], dict[str, Any]] | None = None, claimant: Claimant | None = None,
+        initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train and evaluate the configured model on this process's share of the job. `extra_meta` (on the
     primary process) adds facts to each checkpoint's manifest, such as the tracking run to continue.
-    `claimant`: the run that holds checkpoint.url while it trains (one writer per URL; see trainer/lease.py)."""
+    `claimant`: the run that holds checkpoint.url while it trains (one writer per URL; see trainer/lease.py).
+    `initial_state`: the weights of model.init_from, which the launcher loads (a resumed run's checkpoint
+    replaces them)."""
+    if (cfg.model.init_from is None) != (initial_state is None):
+        raise IncompatibleSettings("model.init_from and the weights the launcher loads from it go together: "
+                                   f"init_from={cfg.model.init_from!r}, weights given: {initial_state is not None}")
     target = () if cfg.schedule.target_top1 is None else (cfg.schedule.target_top1,)
     clock = TimeToAccuracy(thresholds=tuple(sorted({*cfg.tracking.top1_thresholds, *target})),
                            world_size=ctx.world_size)  # the run's time counts from here
@@ -54,7 +61,12 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     # DeepSpeed needs its parameters in the default layout (see trainer/strategy/deepspeed.py); the inputs
     # stay channels-last, so the convolutions still run in NHWC.
-    model = prepare_model(build_model(cfg.model), ctx.device,
+    network = build_model(cfg.model)
+    if initial_state is not None:
+        done = apply_initial_state(network, initial_state, source=str(cfg.model.init_from))
+        if ctx.is_primary:
+            print(f"model.init_from: {done}", flush=True)
+    model = prepare_model(network, ctx.device,
                           channels_last=cfg.precision.channels_last and cfg.distributed.strategy != "deepspeed",
                           sync_batchnorm=cfg.distributed.sync_batchnorm and ctx.world_size > 1,
                           compile=cfg.precision.compile)

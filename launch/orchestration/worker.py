@@ -42,9 +42,17 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
             tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=str(ctx.device),
                                  checkpointed=latest.meta.get("mlflow") if latest is not None else None)
             sinks.append(tracker)
+    initial_state = None
+    if cfg.model.init_from is not None:
+        from launch.tracking.artifacts import load_initial_state
+
+        from launch.tracking.store import tracking_uri
+
+        initial_state = load_initial_state(cfg.model.init_from, tracking_uri=tracking_uri(cfg))
     try:
         result = trainer.run(cfg, ctx, sinks, extra_meta=tracker.checkpoint_meta if tracker is not None else None,
-                             claimant=Claimant(run=str(cfg.launch.name), launch=launch_id))
+                             claimant=Claimant(run=str(cfg.launch.name), launch=launch_id),
+                             initial_state=initial_state)
     except BaseException:
         if tracker is not None:
             tracker.close(status="FAILED", timeout_s=10)

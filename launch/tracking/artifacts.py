@@ -8,6 +8,7 @@ A source is either a checkpoint URL (a run's checkpoints folder, whose newest co
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tempfile
@@ -220,4 +221,28 @@ def predict_files(trained: Trained, files: list[Path], *, top_k: int) -> Any:
     import pandas as pd
 
     return pd.concat(answers, ignore_index=True).assign(file=[str(file) for file in files])
-__all__ = ["Trained", "evaluate_trained", "export_trained", "image_files", "load_trained", "predict_files"]
+
+
+
+STATE_DICT_SUFFIXES = (".pt", ".pth")
+"""model.init_from sources read as one state dict file (torchvision's weights files are of this kind)."""
+
+
+def load_initial_state(source: str, *, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights `model.init_from` names: a state dict file or URL (.pt/.pth), a run's checkpoints folder or
+    step folder (its model.pt), or a registered model (models:/...)."""
+    from data_pipeline.storage import open_storage
+
+    if source.startswith("models:/") or not source.endswith(STATE_DICT_SUFFIXES):
+        return load_trained(source, tracking_uri=tracking_uri).network.state_dict()
+    parent, _, name = source.rpartition("/")
+    try:
+        data = open_storage(parent or ".").read_bytes(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.init_from={source}: no such file") from None
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.init_from={source}: not a state dict (a mapping of parameter names to tensors)")
+    return state
+__all__ = ["Trained", "evaluate_trained", "export_trained", "image_files", "load_initial_state", "load_trained",
+           "predict_files"]

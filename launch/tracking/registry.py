@@ -86,7 +86,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         "input": "uint8 RGB images [N, H, W, 3] of any size, or encoded JPEG/PNG files",
         "output": "class_id, class_name, probability, top_k_ids, top_k_names, top_k_probabilities",
         "weights": f"weights/{step_folder(meta['step'])}" + ("" if weights == "final" else f"-{weights}"),
-        "registered_weights": weights,
+        "registered_weights": weights, "init_from": cfg.model.init_from,
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)
