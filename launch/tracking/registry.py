@@ -99,6 +99,10 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
             name="model", python_model=str(Path(__file__).with_name("served_model.py")),
             artifacts={"program": str(exported["program"]), "metadata": str(exported["metadata"])},
             signature=served_signature(), input_example=example, pip_requirements=requirements)
+        # The logged model's own metrics: its weights' scores (else MLflow's UI shows the run's first system
+        # metrics on the model's page).
+        scores = {key: float(meta[key]) for key in ("val_top1", "val_top5", "val_loss") if meta.get(key) is not None}
+        mlflow.log_metrics(scores, step=int(meta["step"]), model_id=info.model_id)
         torch.save(network.state_dict(), Path(scratch) / "model.pt")
         (Path(scratch) / "config.yaml").write_text(dump_config(cfg))
         mlflow.log_artifact(str(Path(scratch) / "model.pt"), artifact_path=tags["weights"])

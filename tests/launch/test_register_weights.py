@@ -53,6 +53,9 @@ def test_the_final_best_or_ema_weights_are_registered_with_their_own_scores(digi
         version = registered[weights]
         assert version.tags["registered_weights"] == weights and version.tags["step"] == str(manifest.step)
         assert float(version.tags["val_top1"]) == manifest.meta[score]
+        # The logged model carries the same score as its own metric.
+        logged = {m.key: m.value for m in client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics}
+        assert logged["val_top1"] == manifest.meta[score]
         folder = Path(client.download_artifacts(run_id, version.tags["weights"], str(tmp_path / weights)))
         state = torch.load(folder / "model.pt", weights_only=True)
         for name, tensor in from_bytes(manager.read_verified(manifest, file)).items():
