@@ -130,7 +130,11 @@ def test_a_run_is_recorded_and_a_resumed_run_continues_it(recorded: tuple[Server
     # The second epoch went on in the same MLflow run (its id is in every checkpoint), global steps going on.
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44]
-    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [22, 44]
+    # Each epoch's evaluation, and each registration's score of its version (logged against the logged model,
+    # which MLflow records in the run as well, at the same step and value).
+    history = client.get_metric_history(run_id, "val_top1")
+    assert sorted(m.step for m in history) == [22, 22, 44, 44]
+    assert len({(m.step, m.value) for m in history}) == 2
     manifest = open_checkpoints(str(runs / "first" / "checkpoints"), keep_last=1).latest()
     assert manifest is not None and manifest.meta["mlflow"] == {"tracking_uri": server.uri, "run_id": run_id}
     summary = json.loads((runs / "first" / "summary.json").read_text())
