@@ -41,7 +41,9 @@ def test_the_final_best_or_ema_weights_are_registered_with_their_own_scores(digi
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    # Artifacts beside the store: without a location MLflow would write them to ./mlruns, in the checkout.
+    experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     registered = {}
     for weights in ("final", "best", "ema"):
         model_uri = register_model(config(f"tracking.register_weights={weights}"), tracking_uri=uri, run_id=run_id,
