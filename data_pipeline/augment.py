@@ -139,9 +139,15 @@ class AugmentOp(NamedTuple):
         return -value if signed and self.negate else value
 
 
+def num_auto_augment_ops(cfg: DataConfig) -> int:
+    """Operations applied to each training image, one after the other: 0 (off), 1 (TrivialAugmentWide) or
+    rand_augment_ops (RandAugment)."""
+    return {"none": 0, "trivial": 1, "rand": cfg.rand_augment_ops}[cfg.auto_augment]
+
+
 def auto_augment_for(cfg: DataConfig, *, seed: int) -> tuple[AugmentOp, ...]:
-    """The automatic-augmentation operations of one training image, in order, from the sample's seed (a
-    stream of its own: the crop's draws are unchanged by turning this on); () when it is off."""
+    """The `num_auto_augment_ops` automatic-augmentation operations of one training image, in order, from the
+    sample's seed (a stream of its own: the crop's draws are unchanged by turning this on)."""
     if cfg.auto_augment == "none":
         return ()
     rng = random.Random(f"auto_augment/{seed}")
@@ -149,7 +155,7 @@ def auto_augment_for(cfg: DataConfig, *, seed: int) -> tuple[AugmentOp, ...]:
         return (AugmentOp(rng.randrange(len(AUTO_AUGMENT_OPS)), rng.randrange(NUM_MAGNITUDE_BINS),
                           rng.random() < 0.5),)
     return tuple(AugmentOp(rng.randrange(len(AUTO_AUGMENT_OPS)), cfg.rand_augment_magnitude, rng.random() < 0.5)
-                 for _ in range(cfg.rand_augment_ops))
+                 for _ in range(num_auto_augment_ops(cfg)))
 
 
 class Box(NamedTuple):

@@ -25,7 +25,8 @@ import torch
 
 from configs.schema import DataConfig
 from data_pipeline.augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, IMAGENET_MEAN, IMAGENET_STD,
-                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, auto_augment_for, crop_for, erase_box_for)
+                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, auto_augment_for, crop_for, erase_box_for,
+                                   num_auto_augment_ops)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
@@ -104,8 +105,7 @@ def apply_auto_augment(images: Any, op: Any, magnitude_bin: Any, negate: Any, *,
         operation = getattr(augmentations, name)
         suite.append(operation if high == low else operation.augmentation(mag_range=(low, high),
                                                                            randomly_negate=signed))
-    levels = 1 if cfg.auto_augment == "trivial" else cfg.rand_augment_ops
-    for level in range(levels):
+    for level in range(num_auto_augment_ops(cfg)):
         images = select(suite, op[level], images, magnitude_bin=signed_bin(magnitude_bin[level], negate[level]),
                         num_magnitude_bins=NUM_MAGNITUDE_BINS, shape=shape, fill_value=AUTO_AUGMENT_FILL)
     return images

@@ -55,9 +55,9 @@ def apply_auto_augment(image: torch.Tensor, ops: tuple[AugmentOp, ...], policy: 
     RandAugment apply them: shears about the top-left corner; bilinear resampling here). They agree with the
     DALI pipeline's to resampling rounding, except equalize (torchvision follows PIL's formula, DALI OpenCV's)."""
     side = image.shape[-1]
+    affine = {"interpolation": InterpolationMode.BILINEAR, "fill": [float(AUTO_AUGMENT_FILL)] * 3}
     for op in ops:
         magnitude = op.magnitude(policy)
-        affine = {"interpolation": InterpolationMode.BILINEAR, "fill": [float(AUTO_AUGMENT_FILL)] * 3}
         if op.name == "shear_x" or op.name == "shear_y":
             # DALI's shear (x += factor * y) is torchvision's of the opposite angle: signs are drawn at random
             # either way, and this way both loaders deliver the same image.

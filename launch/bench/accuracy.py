@@ -34,7 +34,7 @@ class AccuracyRow:
     time_to_target_s: float | None
     """The run's own elapsed time at the first evaluation that reached the target (None: never reached)."""
     epoch: int | None
-    """The epoch of that evaluation (0-based)."""
+    """Epochs trained by that evaluation."""
     final_top1: float
     images_per_s: float
     wall_time_s: float
@@ -45,12 +45,12 @@ def bench_accuracy(config: str, overrides: list[str], *, target: float,
                    variants: dict[str, tuple[str, ...]]) -> list[AccuracyRow]:
     """Train each variant of `config` (its overrides after `overrides`) until its first evaluation at or above
     `target` (schedule.target_top1), without tracking or registration; the runs' folders stay."""
+    from launch.bench.train import untracked
     from launch.orchestration import start_run
 
     rows = []
     for variant, changes in variants.items():
-        cfg = load_config(config, [*overrides, *changes, f"schedule.target_top1={target}", "tracking.enabled=false",
-                                   "tracking.register=false", "tracking.promote_alias=null"])
+        cfg = untracked(load_config(config, [*overrides, *changes, f"schedule.target_top1={target}"]))
         summary = start_run(cfg)
         assert summary is not None  # a Ray or single-process launch reports on this process
         reached = summary.time_to_accuracy.get(str(target))

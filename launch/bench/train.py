@@ -86,6 +86,12 @@ class TrainBench:
         return "bench train\n" + "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def untracked(cfg: RunConfig) -> RunConfig:
+    """`cfg` without tracking, registration or promotion: benchmark runs are not model versions."""
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False, register=False,
+                                                                 promote_alias=None))
+
+
 def bench_train(cfg: RunConfig, *, config_name: str) -> TrainBench | None:
     """Run `cfg` as `train` would (its launcher, workers and data), without tracking or registration, and
     report its measured throughput; the run folder stays for inspection. None on the ranks of a torchrun job
@@ -95,8 +101,7 @@ def bench_train(cfg: RunConfig, *, config_name: str) -> TrainBench | None:
     from trainer.models.flops import training_flops_per_image
     from trainer.precision import resolve_precision
 
-    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False, register=False,
-                                                                promote_alias=None))
+    cfg = untracked(cfg)
     summary = start_run(cfg)
     if summary is None:
         return None

@@ -45,7 +45,6 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
     initial_state = None
     if cfg.model.init_from is not None:
         from launch.tracking.artifacts import load_initial_state
-
         from launch.tracking.store import tracking_uri
 
         initial_state = load_initial_state(cfg.model.init_from, tracking_uri=tracking_uri(cfg))

@@ -177,9 +177,6 @@ def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
     return {"state_dict": state, "program": exported, "metadata": metadata}
 
 
-
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 """Files `predict` takes from a folder (any case)."""
 
@@ -223,7 +220,6 @@ def predict_files(trained: Trained, files: list[Path], *, top_k: int) -> Any:
     return pd.concat(answers, ignore_index=True).assign(file=[str(file) for file in files])
 
 
-
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 """model.init_from sources read as one state dict file (torchvision's weights files are of this kind)."""
 
@@ -244,5 +240,7 @@ def load_initial_state(source: str, *, tracking_uri: str | None = None) -> dict[
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.init_from={source}: not a state dict (a mapping of parameter names to tensors)")
     return state
+
+
 __all__ = ["Trained", "evaluate_trained", "export_trained", "image_files", "load_initial_state", "load_trained",
            "predict_files"]

@@ -68,7 +68,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
     mlflow = import_extra("mlflow")
     weights = cfg.tracking.register_weights
     trained = load_trained(checkpoint_url, weights=weights)
-    network, meta = trained.network, trained.meta
+    meta = trained.meta
     name = model_name(cfg)
     client = mlflow.MlflowClient(tracking_uri)
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
@@ -103,9 +103,8 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         # metrics on the model's page).
         scores = {key: float(meta[key]) for key in ("val_top1", "val_top5", "val_loss") if meta.get(key) is not None}
         mlflow.log_metrics(scores, step=int(meta["step"]), model_id=info.model_id)
-        torch.save(network.state_dict(), Path(scratch) / "model.pt")
         (Path(scratch) / "config.yaml").write_text(dump_config(cfg))
-        mlflow.log_artifact(str(Path(scratch) / "model.pt"), artifact_path=tags["weights"])
+        mlflow.log_artifact(str(exported["state_dict"]), artifact_path=tags["weights"])  # the export's model.pt
         mlflow.log_artifact(str(Path(scratch) / "config.yaml"), artifact_path=tags["weights"])
         if meta.get("classes"):
             (Path(scratch) / CLASSES_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
@@ -142,9 +141,9 @@ def evaluate_version(client: Any, uri: str, data: str) -> Evaluation:
     from data_pipeline.prepare import index_digest, index_folder
 
     trained = load_trained(uri, tracking_uri=client.tracking_uri)
-    data_cfg = replace(trained.cfg.data, dataset="folder", root=data, index_dir=None)
-    root, index_dir = prepare_dataset(data_cfg)
-    scores = evaluate_trained(trained, data_root=data, overrides={"dataset": "folder"})
+    # Staged once (a URL) here; the evaluation then reads the local copy.
+    root, index_dir = prepare_dataset(replace(trained.cfg.data, dataset="folder", root=data, index_dir=None))
+    scores = evaluate_trained(trained, data_root=str(root), overrides={"dataset": "folder", "index_dir": index_dir})
     return Evaluation(scores=scores, data=data, digest=index_digest(index_folder(root, index_dir), "val"))
 
 
@@ -196,8 +195,8 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
     previous = None if holder is None else str(holder.version)
     evaluations = None
     if eval_data is not None:
-        evaluations = {str(v.version): evaluate_version(client, f"models:/{name}/{v.version}", eval_data)
-                       for v in (candidate, holder) if v is not None}
+        versions = dict.fromkeys(str(v.version) for v in (candidate, holder) if v is not None)  # once each
+        evaluations = {v: evaluate_version(client, f"models:/{name}/{v}", eval_data) for v in versions}
 
     def value(model_version: Any) -> float | None:
         if evaluations is not None:
