@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[dev,dali,deepspeed,ray,mlflow]'
+	$(PIP_INSTALL) -e '.[dev,dali,deepspeed,ray,mlflow,onnx]'
 	touch $@
 
 clean:

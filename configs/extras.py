@@ -14,6 +14,9 @@ EXTRAS: dict[str, str] = {
     "deepspeed": "deepspeed",
     "ray": "ray",
     "mlflow": "mlflow",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
 }
 """Top-level module of each optional dependency -> the extra that installs it."""
 

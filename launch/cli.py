@@ -135,6 +135,29 @@ def bench_accuracy(args: argparse.Namespace) -> None:
     print(as_json(rows) if args.json else table(rows, config=args.config, machine=machine_facts(device)["device"]))
 
 
+@command("bench infer", "inference latency (p50/p95/p99) and images/s of eager PyTorch, torch.export and "
+         "onnxruntime on this CPU, side by side in one run",
+         *config_arguments(what="YAML recipe whose model and evaluation size are measured"),
+         arg("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)"),
+         arg("--iterations", type=int, default=30, help="timed calls per runtime and batch size (default: 30)"),
+         arg("--warmup", type=int, default=3, help="untimed calls first (default: 3)"),
+         JSON_ARGUMENT)
+def bench_infer(args: argparse.Namespace) -> None:
+    from launch.bench.infer import bench_infer
+
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes={args.batch_sizes!r}: expected integers separated by commas") from None
+    if not batch_sizes or min(batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0:
+        raise ConfigError(f"--batch-sizes={args.batch_sizes!r} must be >= 1, --iterations={args.iterations} >= 1 "
+                          f"and --warmup={args.warmup} >= 0")
+    require_extras(["onnx", "onnxruntime", "onnxscript"])
+    result = bench_infer(load_config(args.config, args.overrides), batch_sizes=batch_sizes,
+                         iterations=args.iterations, warmup=args.warmup)
+    print(result.as_json() if args.json else result.table())
+
+
 @command("bench data", "images/s of the DALI pipeline against the baseline DataLoader on the same JPEG files",
          arg("--root", default=None, help="an indexed ImageNet-layout tree to read (default: generate --images JPEGs)"),
          arg("--images", type=int, default=512, help="generated training images, 500x375 px at quality 90 "
@@ -229,19 +252,34 @@ def evaluate(args: argparse.Namespace) -> None:
               f"images\nval top-5  {100 * scores['val_top5']:.2f}%\nval loss   {scores['val_loss']:.4f}")
 
 
-@command("export", "write a trained model as a torchvision state dict and a torch.export program",
+@command("export", "write a trained model as a torchvision state dict and a torch.export or ONNX program",
          arg("source", help=SOURCE_HELP),
-         arg("--out", required=True, help="folder to write model.pt, model.pt2 and model.json into"),
+         arg("--out", required=True, help="folder to write model.pt, the program and model.json into"),
+         arg("--format", choices=["pt2", "onnx"], default="pt2",
+             help="the program: pt2 (default): model.pt2, a torch.export program; onnx: model.onnx (opset 18), "
+                  "kept only if onnxruntime matches PyTorch on real val images (needs the extra 'onnx')"),
+         arg("--check-images", type=int, default=256,
+             help="onnx: val images of the model's data set to check the export on (default: 256)"),
+         arg("--data", default=None, help="onnx: the data set to take those images from (default: the model's)"),
          TRACKING_URI_ARGUMENT)
 def export(args: argparse.Namespace) -> None:
-    from launch.tracking.artifacts import export_trained
+    from launch.tracking.artifacts import evaluation_images, export_trained
 
+    if args.check_images < 1:
+        raise ConfigError(f"--check-images={args.check_images} must be >= 1")
+    if args.format == "onnx":
+        require_extras(["onnx", "onnxruntime", "onnxscript"])
     trained = _load_trained(args.source, args.tracking_uri)
-    written = export_trained(trained, Path(args.out))
+    images = (evaluation_images(trained, args.check_images, data_root=args.data) if args.format == "onnx"
+              else None)
+    written = export_trained(trained, Path(args.out), format=args.format, parity_images=images)
     size = trained.cfg.data.crop_size(train=False)
-    print(f"{trained.source}:\n  state dict  {written['state_dict']}\n  torch.export  {written['program']} "
+    kind = "torch.export" if args.format == "pt2" else "ONNX"
+    print(f"{trained.source}:\n  state dict  {written['state_dict']}\n  {kind}  {written['program']} "
           f"(float32 [N, 3, {size}, {size}], normalised with the ImageNet mean/std, -> logits)\n"
           f"  metadata  {written['metadata']} (architecture, how to load it into torchvision, input, classes)")
+    if "parity" in written:
+        print(f"  checked: {written['parity'].describe()}")
 
 
 @command("predict", "classify image files with a checkpoint or a registered model, as its served model would",

@@ -22,9 +22,10 @@ from torch import nn
 from configs.errors import ConfigError, IncompatibleSettings
 from configs.extras import import_extra
 from configs.loader import config_from_dict, load_config
-from configs.schema import RunConfig
+from configs.schema import DataConfig, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.prepare import CLASSES_FILE
+from launch.tracking.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ParityError, check_parity, export_onnx
 from trainer.checkpoint import STEP_FOLDER, open_checkpoints
 from trainer.dist import single_process_context
 from trainer.engine import prepare_model
@@ -116,10 +117,7 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
     from trainer.precision import resolve_precision
 
     device = device or single_process_context().device
-    data = trained.cfg.data
-    if data_root is not None:
-        data = replace(data, root=data_root, index_dir=None)
-    data = replace(data, **(overrides or {}))
+    data = _data_config(trained, data_root, overrides)
     precision = resolve_precision(trained.cfg.precision, device)
     loaders = build_loaders(data, seed=trained.cfg.seed, device=device, dtype=precision.input_dtype)
     if len(loaders.classes) != trained.cfg.model.num_classes:
@@ -130,7 +128,35 @@ def evaluate_trained(trained: Trained, *, data_root: str | None = None, override
     return evaluate(network, loaders.val, precision, channels_last=channels_last, flip_average=data.val_flip_average)
 
 
-def export_metadata(trained: Trained) -> dict[str, Any]:
+def _data_config(trained: Trained, data_root: str | None, overrides: dict[str, Any] | None) -> DataConfig:
+    """`trained`'s data settings, reading the data set at `data_root` if given, with `overrides`."""
+    data = trained.cfg.data
+    if data_root is not None:
+        data = replace(data, root=data_root, index_dir=None)
+    return replace(data, **(overrides or {}))
+
+
+def evaluation_images(trained: Trained, count: int, *, data_root: str | None = None) -> torch.Tensor:
+    """The first `count` val images of `trained`'s data set (or of the one at `data_root`), preprocessed as its
+    evaluation does: float32 [count, 3, S, S] on the CPU (fewer if the split is smaller)."""
+    from data_pipeline import build_loaders
+
+    data = _data_config(trained, data_root, {"batch_size": min(count, trained.cfg.data.batch_size)})
+    loaders = build_loaders(data, seed=trained.cfg.seed, device=torch.device("cpu"), dtype=torch.float32)
+    batches, taken = [], 0
+    for images, _ in loaders.val.iter_epoch(0):
+        batches.append(images.float().contiguous())
+        taken += len(images)
+        if taken >= count:
+            break
+    return torch.cat(batches)[:count]
+
+
+EXPORT_FORMATS = {"pt2": "model.pt2", "onnx": "model.onnx"}
+"""`export --format`: the program file each format writes beside model.pt and model.json."""
+
+
+def export_metadata(trained: Trained, *, format: str = "pt2") -> dict[str, Any]:
     """What a consumer of the exported files needs to know: the architecture (and whether torchvision's own
     constructor builds it), the input the program takes and how to make it from an image, the outputs and
     the class names, and where the weights came from."""
@@ -154,27 +180,49 @@ def export_metadata(trained: Trained) -> dict[str, Any]:
                                    f"{size} px (bilinear); divide by 255; subtract mean, divide by std",
                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "output": f"logits [N, {model.num_classes}]; class i is classes[i]",
+        "program": {"file": EXPORT_FORMATS[format], "format": "torch.export" if format == "pt2" else "onnx",
+                    **({"opset": ONNX_OPSET, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME}
+                       if format == "onnx" else {})},
         "classes": trained.meta.get("classes"),
         "source": trained.source, "step": trained.meta.get("step"), "val_top1": trained.meta.get("val_top1"),
     }
 
 
-def export_trained(trained: Trained, out: Path) -> dict[str, Path]:
-    """Write `out/model.pt` (the torchvision-compatible state dict), `out/model.pt2` (a torch.export program:
-    float32 images [N, 3, S, S], normalised as in training, to logits [N, classes]; N is dynamic) and
-    `out/model.json` (`export_metadata`)."""
+def export_program(network: nn.Module, size: int, path: Path) -> None:
+    """Write `network` (float32, on the CPU) as a torch.export program for [N, 3, size, size] inputs, N dynamic."""
+    example = torch.randn(2, 3, size, size)
+    program = torch.export.export(network.eval(), (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, path)
+
+
+def export_trained(trained: Trained, out: Path, *, format: str = "pt2",
+                   parity_images: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write `out/model.pt` (the torchvision-compatible state dict), the program (`format` pt2: `model.pt2`, a
+    torch.export program; onnx: `model.onnx`; either takes float32 images [N, 3, S, S], normalised as in
+    training, to logits [N, classes], N dynamic) and `out/model.json` (`export_metadata`). An ONNX file is
+    checked against the network on `parity_images` (required for onnx; see onnx_export.py) and removed if it
+    disagrees (ParityError); the check's result is returned under "parity"."""
     out.mkdir(parents=True, exist_ok=True)
     network = prepare_model(trained.network, torch.device("cpu"), channels_last=False).eval()
     state = out / "model.pt"
     torch.save(network.state_dict(), state)
     size = trained.cfg.data.crop_size(train=False)
-    example = torch.randn(2, 3, size, size)
-    program = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    exported = out / "model.pt2"
-    torch.export.save(program, exported)
+    exported = out / EXPORT_FORMATS[format]
+    written: dict[str, Any] = {"state_dict": state, "program": exported}
+    if format == "onnx":
+        if parity_images is None:
+            raise ValueError("an ONNX export needs images to check it on")
+        export_onnx(network, size, exported)
+        written["parity"] = parity = check_parity(exported, network, parity_images)
+        if not parity.ok:
+            exported.unlink()
+            raise ParityError(f"{exported}: {parity.describe()}: outside the tolerance, not kept")
+    else:
+        export_program(network, size, exported)
     metadata = out / "model.json"
-    metadata.write_text(json.dumps(export_metadata(trained), indent=2) + "\n")
-    return {"state_dict": state, "program": exported, "metadata": metadata}
+    metadata.write_text(json.dumps(export_metadata(trained, format=format), indent=2) + "\n")
+    return {**written, "metadata": metadata}
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

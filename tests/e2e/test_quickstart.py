@@ -101,6 +101,15 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
         assert torch.allclose(namespace["m"].eval()(images), program(images), atol=1e-4)
     with pytest.raises(RuntimeError, match="size mismatch"):
         torchvision.models.resnet18(num_classes=10).load_state_dict(state)
+    # As ONNX: kept after onnxruntime matched PyTorch on 256 real val images of the trained model.
+    onnx = launch("export", summary["checkpoint_url"], "--format", "onnx", "--out", str(tmp_path / "onnx")).stdout
+    assert "checked: onnxruntime vs PyTorch on 256 val images" in onnx and "top-1 the same for 256/256" in onnx
+    assert json.loads((tmp_path / "onnx" / "model.json").read_text())["program"]["file"] == "model.onnx"
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert np.allclose(session.run(None, {"images": images.numpy()})[0], program(images).numpy(), atol=1e-4)
     # Exported from the registry, the version's class names come along.
     launch("export", "models:/resnet18-digits@staging", "--tracking-uri", store, "--out", str(tmp_path / "registry"))
     assert json.loads((tmp_path / "registry" / "model.json").read_text())["classes"] == metadata["classes"]

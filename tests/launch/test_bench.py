@@ -140,3 +140,19 @@ def test_bench_accuracy_times_each_variant_to_the_target_and_says_which_never_re
     report = table(rows, config="quickstart", machine="cpu")
     assert "| b | 50.0 s | 5 | 0.50 |" in report and "| c | not reached | - | - |" in report
     assert main(["bench", "accuracy", "--variant", "no-equals-sign"]) == 2
+
+
+def test_bench_infer_times_three_runtimes_at_each_batch_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "infer", "--batch-sizes", "1,3", "--iterations", "3", "--warmup", "1", "--json",
+                 "data.image_size=16"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert (record["model"], record["image_size"], record["iterations"]) == ("resnet18", 16, 3)
+    assert [(row["batch_size"], row["runtime"]) for row in record["rows"]] == [
+        (1, "eager"), (1, "torch.export"), (1, "onnxruntime"), (3, "eager"), (3, "torch.export"), (3, "onnxruntime")]
+    for row in record["rows"]:
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        # Throughput is images over the summed time of the timed calls, so it lies between the fastest and the
+        # slowest call's rate (p99 over 3 calls is near the slowest; the median is at most that).
+        assert row["batch_size"] * 1000 / row["p99_ms"] * 0.9 <= row["images_per_s"]
+    assert main(["bench", "infer", "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes='1,x'" in capsys.readouterr().err
