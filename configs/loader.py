@@ -136,7 +136,8 @@ def _build(cls: type, prefix: str, values: dict[str, tuple[Any, str]]) -> Any:
     except InvalidValue as error:
         key = f"{prefix}{error.key}"
         source = values[key][1] if key in values else "default"
-        raise ConfigError(f"{source}: {key}={error.value!r} {error.reason}") from None
+        value = list(error.value) if isinstance(error.value, tuple) else error.value  # as YAML writes it
+        raise ConfigError(f"{source}: {key}={value!r} {error.reason}") from None
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -145,7 +146,12 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (kind,) = [a for a in args if a is not type(None)]
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1:  # int | tuple[int, int]: a list is the tuple, anything else the other
+            sequence = isinstance(value, (list, tuple))
+            (kind,) = [a for a in kinds if (typing.get_origin(a) is tuple) == sequence]
+        else:
+            (kind,) = kinds
         return _coerce(value, kind, key, source)
     if origin is typing.Literal:
         if value in args:
@@ -154,6 +160,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}")
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
+        if Ellipsis not in args and len(items) != len(args):
+            raise ConfigError(f"{source}: {key}={value!r} must be a list of {len(args)} values")
         return tuple(_coerce(item, args[0], key, source) for item in items)
     if kind is float and isinstance(value, str):
         # YAML 1.1 reads "1e-4" (no dot) as a string.

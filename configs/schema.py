@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from configs.errors import IncompatibleSettings
+
 RESERVED_ALIAS = re.compile(r"^(v\d+|latest)$", re.IGNORECASE)
 """MLflow model-version aliases it keeps for itself."""
 
@@ -290,10 +292,16 @@ class DistributedConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 partitioned optimizer state, 2 also partitioned
     gradients. (Stage 3, partitioned weights, buys nothing for a 25M-parameter ResNet.)"""
+    timeout_s: float = 1800.0
+    """Process-group timeout: a collective that waits longer (a rank that hangs or stopped answering) fails
+    the process, and Ray restarts the group from the last checkpoint instead of the job hanging for ever.
+    Must exceed the longest legitimate wait between collectives: rank 0 writing a checkpoint or evaluating,
+    a node staging its data set at start-up (PyTorch's own defaults: 10 min nccl, 30 min gloo)."""
 
     def __post_init__(self) -> None:
         _require(self.bucket_cap_mb >= 1, "bucket_cap_mb", self.bucket_cap_mb, "must be >= 1")
         _require(self.zero_stage in (0, 1, 2), "zero_stage", self.zero_stage, "must be 0, 1 or 2")
+        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,8 +387,15 @@ class LaunchConfig:
     Ray cluster it must be storage every node sees (a shared file system)."""
     name: str | None = None
     """Run name, the sub-folder under runs_dir; None: <model>-<UTC time>."""
-    num_workers: int = 1
-    """Ray: training processes (one per GPU on GPU clusters)."""
+    num_workers: int | tuple[int, int] = 1
+    """Ray: training processes (one per GPU on GPU clusters); or a range [min, max] for elastic training: Ray
+    starts with as many as it can get (at least min), shrinks after a failure, and grows back when resources
+    return. The global batch stays data.batch_size x max x optim.accumulation_steps at every size: each rank
+    accumulates max x accumulation_steps / world size micro-batches, so every size in the range must divide
+    that number."""
+    resize_interval_s: float = 60.0
+    """Ray, with a range: how often a healthy group checks whether more workers can be had (growing restarts
+    the group from its latest checkpoint)."""
     cpus_per_worker: float = 1.0
     """Ray: CPUs reserved per worker, for the step and its data loading (DALI threads or DataLoader processes);
     Ray also sets OMP_NUM_THREADS to it."""
@@ -396,10 +411,27 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         _require(self.name is None or (self.name != "" and "/" not in self.name), "name", self.name,
                  "must be a non-empty folder name without '/'")
-        _require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
+        _require(self.min_workers >= 1 and self.min_workers <= self.max_workers, "num_workers", self.num_workers,
+                 "must be >= 1, or a range [min, max] with 1 <= min <= max")
+        _require(self.resize_interval_s > 0, "resize_interval_s", self.resize_interval_s, "must be > 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
         _require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (num_workers, or the range's min)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (num_workers, or the range's max): the global batch's reference."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        """A range of sizes: the world size may change between starts of the run."""
+        return self.min_workers != self.max_workers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -421,3 +453,30 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.tracking.register_weights != "ema" or self.optim.ema_decay > 0, "tracking.register_weights",
                  self.tracking.register_weights, "needs optim.ema_decay > 0 (no average of the weights is kept)")
+        launch = self.launch
+        if launch.elastic:
+            _require(launch.launcher == "ray", "launch.num_workers", launch.num_workers,
+                     "is a range, which needs launch.launcher='ray' (torchrun starts a fixed number of processes)")
+            _require(self.distributed.strategy == "ddp", "launch.num_workers", launch.num_workers,
+                     "is a range, which needs distributed.strategy='ddp' (a DeepSpeed ZeRO checkpoint only "
+                     "reloads at the world size that wrote it)")
+            micro_batches = launch.max_workers * self.optim.accumulation_steps
+            sizes = range(launch.min_workers, launch.max_workers + 1)
+            working = [size for size in range(1, launch.max_workers + 1) if micro_batches % size == 0]
+            _require(all(micro_batches % size == 0 for size in sizes), "launch.num_workers", launch.num_workers,
+                     f"includes world sizes that do not divide the {micro_batches} micro-batches of "
+                     f"data.batch_size={self.data.batch_size} images in each step (max workers x "
+                     f"optim.accumulation_steps); sizes that do: {working}: choose a range of those, or change "
+                     "optim.accumulation_steps")
+
+    def accumulation_steps_for(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per step at `world_size`: optim.accumulation_steps, or with a
+        range of workers what keeps the global batch at max workers' (data.batch_size x max x accumulation)."""
+        if not self.launch.elastic:
+            return self.optim.accumulation_steps
+        micro_batches = self.launch.max_workers * self.optim.accumulation_steps
+        if micro_batches % world_size:
+            sizes = f"[{self.launch.min_workers}, {self.launch.max_workers}]"
+            raise IncompatibleSettings(f"launch.num_workers={sizes} does not allow {world_size} workers: they "
+                                       f"cannot share {micro_batches} micro-batches per step evenly")
+        return micro_batches // world_size

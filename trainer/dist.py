@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,7 +41,8 @@ def single_process_context() -> DistContext:
     return DistContext(rank=0, local_rank=0, world_size=1, device=device)
 
 
-def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method: str = "env://") -> DistContext:
+def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method: str = "env://",
+                     timeout_s: float | None = None) -> DistContext:
     """Join the process group (nccl on GPUs, gloo on CPUs) and describe this process's place in it.
 
     Called by launchers, once per process, before `trainer.run`.
@@ -50,7 +52,8 @@ def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     torch.distributed.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
-                                         world_size=world_size, device_id=device if use_cuda else None)
+                                         world_size=world_size, device_id=device if use_cuda else None,
+                                         timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -56,7 +56,8 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
                             dtype=precision.input_dtype)
     check_data(cfg, ctx, loaders)
     check_distributed(cfg, ctx)
-    accumulation_steps = cfg.optim.accumulation_steps
+    # With a range of workers, the micro-batches per rank follow the world size and the global batch stays.
+    accumulation_steps = cfg.accumulation_steps_for(ctx.world_size)
     global_batch_size = cfg.data.batch_size * ctx.world_size * accumulation_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     # DeepSpeed needs its parameters in the default layout (see trainer/strategy/deepspeed.py); the inputs
@@ -136,10 +137,11 @@ def check_data(cfg: RunConfig, ctx: DistContext, loaders: Loaders) -> None:
                   else f"the data set at data.root={cfg.data.root!r}")
         raise IncompatibleSettings(f"model.num_classes={cfg.model.num_classes} but {source} has "
                                    f"{len(loaders.classes)} classes")
-    if len(loaders.train) < cfg.optim.accumulation_steps:
+    accumulation_steps = cfg.accumulation_steps_for(ctx.world_size)
+    if len(loaders.train) < accumulation_steps:
         raise IncompatibleSettings(
-            f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x optim.accumulation_steps="
-            f"{cfg.optim.accumulation_steps} is larger than the training set ({loaders.num_train_images} images): "
+            f"data.batch_size={cfg.data.batch_size} x {ctx.world_size} workers x {accumulation_steps} accumulated "
+            f"micro-batches is larger than the training set ({loaders.num_train_images} images): "
             "no full step to train on")
 
 

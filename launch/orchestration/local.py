@@ -19,7 +19,7 @@ from trainer.lease import new_launch_id
 def run_local(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
     """Train in this process (a new run, or with `resume` the existing run of cfg's name); on the primary one
     print a summary table and return the summary saved with the run (None on other ranks)."""
-    ctx = _context_from_environment()
+    ctx = _context_from_environment(cfg.distributed.timeout_s)
     try:
         return _run(cfg, ctx, resume=resume)
     finally:
@@ -27,11 +27,11 @@ def run_local(cfg: RunConfig, *, resume: bool = False) -> RunSummary | None:
             torch.distributed.destroy_process_group()
 
 
-def _context_from_environment() -> DistContext:
+def _context_from_environment(timeout_s: float) -> DistContext:
     if "WORLD_SIZE" not in os.environ:
         return single_process_context()
     return init_distributed(rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout_s=timeout_s)
 
 
 def _run(cfg: RunConfig, ctx: DistContext, *, resume: bool) -> RunSummary | None:

@@ -16,6 +16,7 @@ the trainer prunes old ones, so a `--resume` of a run that had given Ray its che
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,19 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
     started_here = _init_ray(ray, launch.ray_address)
     use_gpu = launch.gpus_per_worker > 0
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if use_gpu else {})}
-    print(f"run {launch.name}: {launch.num_workers} Ray workers x {resources}, up to {launch.max_failures} "
+    workers = (f"{launch.min_workers}-{launch.max_workers} (elastic; global batch of {launch.max_workers})"
+               if launch.elastic else str(launch.num_workers))
+    print(f"run {launch.name}: {workers} Ray workers x {resources}, up to {launch.max_failures} "
           f"restarts, outputs in {run_dir}", flush=True)
     trainer = ray_torch.TorchTrainer(
         _worker_loop,
         # One launch id for every attempt: a restarted primary takes over its predecessor's checkpoint lease.
         train_loop_config={"config": config_to_dict(cfg), "run_dir": str(run_dir), "launch_id": new_launch_id()},
-        torch_config=ray_torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=ray_torch.TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                           timeout_s=math.ceil(cfg.distributed.timeout_s)),
         scaling_config=train.ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu,
-                                           resources_per_worker=resources),
+                                           resources_per_worker=resources,
+                                           elastic_resize_monitor_interval_s=launch.resize_interval_s),
         run_config=train.RunConfig(
             name=launch.name, storage_path=launch.runs_dir,
             failure_config=train.FailureConfig(max_failures=launch.max_failures),

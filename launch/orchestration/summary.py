@@ -62,6 +62,13 @@ class RunSummary:
     """Val top-1 threshold ("0.98") -> step, epoch, elapsed_s and device_hours where the run first reached it
     (elapsed time of the attempts that led there; see trainer/time_to_accuracy.py)."""
 
+    restarts: int = 0
+    """Starts of the run after its first (Ray's restarts after failures, `train --resume`)."""
+    resizes: int = 0
+    """Restarts at another world size (an elastic run's group shrank or grew; see starts.jsonl)."""
+    steps_redone: int = 0
+    """Steps trained again after restarts: those an attempt reported past its last committed checkpoint."""
+
     def to_dict(self) -> dict[str, Any]:
         """The summary.json record."""
         record = dataclasses.asdict(self)
@@ -105,6 +112,8 @@ class RunSummary:
             ("val top-5", f"{100 * self.val['val_top5']:.2f}%"),
             ("val loss", f"{self.val['val_loss']:.4f}"),
             *([("time to top-1", self._highest_levels_reached())] if self.time_to_accuracy else []),
+            *([("restarts", f"{self.restarts} ({self.resizes} resizes, {self.steps_redone} steps redone)")]
+              if self.restarts else []),
             ("checkpoint", self.checkpoint_url),
             ("run folder", self.run_dir),
         ]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import trainer
 from configs.schema import RunConfig
+from launch.orchestration.starts import record_start, start_counts
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
 from trainer.dist import DistContext
@@ -35,13 +36,22 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
         where = f", resuming from step {resume_step}" if resume_step else ""
         print(f"run {cfg.launch.name}: {cfg.model.name} on {ctx.world_size} x {ctx.device.type}{where}, outputs in "
               f"{run_dir}", flush=True)
-        sinks += [ConsoleSink(), JsonLinesSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
+        begun = record_start(run_dir, step=resume_step, world_size=ctx.world_size)  # before metrics are cut back
+        if begun.reached is not None:
+            print(f"run {cfg.launch.name}: {begun.describe()}", flush=True)
+        metrics_file = JsonLinesSink(run_dir / "metrics.jsonl", resume_step=resume_step)
+        sinks += [ConsoleSink(), metrics_file]
         if cfg.tracking.enabled:
             from launch.tracking.sink import MlflowSink
 
             tracker = MlflowSink(cfg, run_dir, world_size=ctx.world_size, device=str(ctx.device),
                                  checkpointed=latest.meta.get("mlflow") if latest is not None else None)
             sinks.append(tracker)
+        if begun.previous_world_size is not None and begun.cause is not None:
+            recorders: list[MetricSink] = [metrics_file, *([tracker] if tracker is not None else [])]
+            for sink in recorders:
+                sink.log({"world_size": ctx.world_size, "previous_world_size": begun.previous_world_size},
+                         step=resume_step)
     initial_state = None
     if cfg.model.init_from is not None:
         from launch.tracking.artifacts import load_initial_state
@@ -59,11 +69,13 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
     if not ctx.is_primary:
         return None
     assert cfg.checkpoint.url is not None
+    counts = start_counts(run_dir)
     summary = RunSummary(
         run_name=str(cfg.launch.name), model=cfg.model.name, device=ctx.device.type, world_size=ctx.world_size,
         epochs=result.epochs, steps=result.steps, images_per_s=result.images_per_s,
         train_time_s=result.train_time_s, val=result.val, stopped_at_target=result.stopped_at_target,
-        time_to_accuracy=result.time_to_accuracy,
+        time_to_accuracy=result.time_to_accuracy, restarts=counts["restarts"], resizes=counts["resizes"],
+        steps_redone=counts["steps_redone"],
         checkpoint_url=open_checkpoints(cfg.checkpoint.url).url(result.steps), run_dir=str(run_dir))
     if tracker is not None:
         summary = _finish_tracking(cfg, tracker, summary)

@@ -90,7 +90,7 @@ def test_cross_field_check_reports_the_value_that_broke_it(tmp_path: Path) -> No
 
 def test_step_milestones_are_checked_only_for_step_decay() -> None:
     assert load_config(None, ["schedule.epochs=10"]).schedule.decay == "cosine"
-    with pytest.raises(ConfigError, match=r"default: schedule.step_milestones=\(30, 60, 80\)"):
+    with pytest.raises(ConfigError, match=r"default: schedule.step_milestones=\[30, 60, 80\]"):
         load_config(None, ["schedule.epochs=10", "schedule.decay=step"])
 
 
@@ -166,3 +166,28 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path,
         load_config(path)
     assert main(["train", "--config", str(path)]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_num_workers_takes_a_number_or_an_elastic_range_that_keeps_the_global_batch(tmp_path: Path) -> None:
+    fixed = load_config("quickstart", ["launch.num_workers=3"])
+    assert fixed.launch.num_workers == 3 and not fixed.launch.elastic
+    assert fixed.accumulation_steps_for(1) == fixed.accumulation_steps_for(3) == 1  # fixed: as configured
+    elastic = load_config("quickstart", ["launch.num_workers=[1, 4]", "optim.accumulation_steps=3"])
+    assert elastic.launch.num_workers == (1, 4) and elastic.launch.elastic
+    assert (elastic.launch.min_workers, elastic.launch.max_workers) == (1, 4)
+    # 4 workers x 3 micro-batches = 12 micro-batches per step at every size.
+    assert [elastic.accumulation_steps_for(size) for size in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert load_config(tmp_path / "saved.yaml" if (tmp_path / "saved.yaml").write_text(
+        dump_config(elastic)) else None) == elastic  # a range survives the run folder's config.yaml
+
+    with pytest.raises(ConfigError, match=r"launch.num_workers=\[2, 4\] includes world sizes that do not divide "
+                                          r"the 4 micro-batches .* sizes that do: \[1, 2, 4\]"):
+        load_config("quickstart", ["launch.num_workers=[2, 4]"])
+    with pytest.raises(ConfigError, match=r"needs launch.launcher='ray'"):
+        load_config("quickstart", ["launch.num_workers=[1, 2]", "launch.launcher=torchrun"])
+    with pytest.raises(ConfigError, match=r"needs distributed.strategy='ddp' \(a DeepSpeed ZeRO checkpoint"):
+        load_config("quickstart", ["launch.num_workers=[1, 2]", "distributed.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match=r"launch.num_workers=\[3, 2\] must be >= 1, or a range"):
+        load_config("quickstart", ["launch.num_workers=[3, 2]"])
+    with pytest.raises(ConfigError, match=r"launch.num_workers=\[1, 2, 3\] must be a list of 2 values"):
+        load_config("quickstart", ["launch.num_workers=[1, 2, 3]"])

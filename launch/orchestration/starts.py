@@ -1,0 +1,101 @@
+"""Every start of a run, in `starts.jsonl` in its run folder: when, from which committed step, at which world
+size, and how far the attempt before it had got. A restart (Ray's after a failure, or `train --resume`)
+that resumes at another world size is a resize: an elastic run's group shrank after a failure or grew
+when more workers could be had. The summary counts restarts, resizes and the steps redone (those the
+previous attempt had trained past its last committed checkpoint, as far as its reports show).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTS_FILE = "starts.jsonl"
+"""In the run folder: one JSON line per start of the run's primary process."""
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """One start of the run."""
+
+    time: float
+    """Unix seconds."""
+    step: int
+    """The committed step it resumed from (0: the run's first start)."""
+    world_size: int
+    reached: int | None
+    """The highest step the attempts before had reported (None: the first start)."""
+    previous_world_size: int | None
+    """The world size of the start before (None: the first start)."""
+
+    @property
+    def cause(self) -> str | None:
+        """What changed the size, or None when it did not change."""
+        if self.previous_world_size is None or self.previous_world_size == self.world_size:
+            return None
+        if self.world_size < self.previous_world_size:
+            return "shrank: fewer workers could be had after the last attempt ended"
+        return "grew: more workers could be had"
+
+    @property
+    def redone(self) -> int:
+        """Steps trained again because the attempt before had not committed them."""
+        return max(0, (self.reached or 0) - self.step)
+
+    def describe(self) -> str:
+        """One console line."""
+        line = (f"restart at step {self.step} with {self.world_size} workers" if self.reached is not None
+                else f"start with {self.world_size} workers")
+        if self.cause is not None:
+            line = (f"resize: {self.previous_world_size} -> {self.world_size} workers at step {self.step} "
+                    f"({self.cause})")
+        if self.redone:
+            line += f"; the attempt before reached step {self.reached}: {self.redone} steps redone"
+        return line
+
+
+def record_start(run_dir: Path, *, step: int, world_size: int) -> Start:
+    """Append this start to starts.jsonl (call before metrics.jsonl is cut back to `step`) and return it."""
+    previous = read_starts(run_dir)
+    reached = None
+    if previous:
+        reached = int(max([0, *(record["step"] for record in _metrics(run_dir))]))
+    start = Start(time=time.time(), step=step, world_size=world_size, reached=reached,
+                  previous_world_size=previous[-1].world_size if previous else None)
+    with (run_dir / STARTS_FILE).open("a") as file:
+        file.write(json.dumps({"time": start.time, "step": step, "world_size": world_size, "reached": reached,
+                               "previous_world_size": start.previous_world_size, "cause": start.cause}) + "\n")
+    return start
+
+
+def read_starts(run_dir: Path) -> list[Start]:
+    """The run's starts, oldest first."""
+    path = run_dir / STARTS_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Start(time=r["time"], step=r["step"], world_size=r["world_size"], reached=r["reached"],
+                  previous_world_size=r["previous_world_size"]) for r in records]
+
+
+def start_counts(run_dir: Path) -> dict[str, int]:
+    """restarts, resizes and steps_redone over the run's starts so far."""
+    starts = read_starts(run_dir)
+    return {"restarts": max(0, len(starts) - 1), "resizes": sum(s.cause is not None for s in starts),
+            "steps_redone": sum(s.redone for s in starts)}
+
+
+def _metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the kill that ended the attempt
+            continue
+    return records
