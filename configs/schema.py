@@ -396,6 +396,11 @@ class LaunchConfig:
     resize_interval_s: float = 60.0
     """Ray, with a range: how often a healthy group checks whether more workers can be had (growing restarts
     the group from its latest checkpoint)."""
+    group_start_timeout_s: float = 60.0
+    """Ray: how long a new worker group waits for its workers. After a node is lost, Ray first asks for the
+    size it had (the lost node's resources may still be listed) and only after this timeout starts with the
+    workers it can get: most of what a shrink costs. Shorter shrinks faster; it must exceed the time a worker
+    takes to start (container pulls, data staging happen after it starts)."""
     cpus_per_worker: float = 1.0
     """Ray: CPUs reserved per worker, for the step and its data loading (DALI threads or DataLoader processes);
     Ray also sets OMP_NUM_THREADS to it."""
@@ -414,6 +419,7 @@ class LaunchConfig:
         _require(self.min_workers >= 1 and self.min_workers <= self.max_workers, "num_workers", self.num_workers,
                  "must be >= 1, or a range [min, max] with 1 <= min <= max")
         _require(self.resize_interval_s > 0, "resize_interval_s", self.resize_interval_s, "must be > 0")
+        _require(self.group_start_timeout_s > 0, "group_start_timeout_s", self.group_start_timeout_s, "must be > 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
         _require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")

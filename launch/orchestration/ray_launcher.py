@@ -43,11 +43,14 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
 
     cfg, run_dir = open_run_dir(cfg, resume=resume)
     launch = cfg.launch
+    # Ray Train reads it in the driver and passes it on to its controller.
+    os.environ[GROUP_START_TIMEOUT_ENV] = str(launch.group_start_timeout_s)
     started_here = _init_ray(ray, launch.ray_address)
     use_gpu = launch.gpus_per_worker > 0
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if use_gpu else {})}
-    workers = (f"{launch.min_workers}-{launch.max_workers} (elastic; global batch of {launch.max_workers})"
-               if launch.elastic else str(launch.num_workers))
+    global_batch = cfg.data.batch_size * launch.max_workers * cfg.optim.accumulation_steps
+    workers = (f"{launch.min_workers}-{launch.max_workers} (elastic, a global batch of {global_batch} images at "
+               "every size)" if launch.elastic else str(launch.num_workers))
     print(f"run {launch.name}: {workers} Ray workers x {resources}, up to {launch.max_failures} "
           f"restarts, outputs in {run_dir}", flush=True)
     trainer = ray_torch.TorchTrainer(
@@ -81,6 +84,8 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
     return summary
 
 
+GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's setting of launch.group_start_timeout_s."""
 FATAL_FILE = "fatal_error.json"
 """In the run folder: the first error a restart cannot fix, recorded by the worker that raised it."""
 NOT_RETRYABLE: tuple[type[BaseException], ...] = (UserError, TrainingDiverged)

@@ -142,6 +142,9 @@ def ui_command(tracking_uri: str) -> str:
     beside_python = Path(sys.executable).with_name("mlflow")  # this environment's own mlflow command
     command = "mlflow"
     if beside_python.is_file():
-        relative = os.path.relpath(beside_python)
+        try:
+            relative = os.path.relpath(beside_python)
+        except FileNotFoundError:  # the working directory is gone (Ray may delete a job's copy of it early)
+            relative = ".."
         command = str(beside_python) if relative.startswith("..") else relative
     return f"{command} ui --backend-store-uri {tracking_uri}"

@@ -12,14 +12,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import torch
 
 from configs import load_config
-from tests.multiproc import run_ranks
+from tests.multiproc import free_port, run_ranks
 from trainer.checkpoint import open_checkpoints
 from trainer.serialize import from_bytes
 
@@ -194,3 +196,112 @@ def test_an_error_no_restart_can_fix_stops_the_ray_run_at_once(digits_root: Path
     record = json.loads((tmp_path / "fatal" / "fatal_error.json").read_text())
     assert re.search(message.split(": ", 2)[-1], record["message"]) and record["kind"] in ("user", "diverged")
     assert output.count("run fatal: resnet18 on 2 x cpu") == 1, output[-5000:]
+
+
+# Elastic: 1 to 2 workers, a resize check every second, a group start given up after 10 s (then Ray starts with
+# the workers it can get).
+ELASTIC = ["launch.num_workers=[1, 2]", "launch.resize_interval_s=1", "launch.group_start_timeout_s=10",
+           "launch.max_failures=4"]
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[tuple[Any, Any]]:
+    """A Ray cluster of two node processes on this machine (Ray's own test utility, as `ray start --head` and
+    `ray start --address` would make them), one CPU each, with the jobs API on 127.0.0.1: the cluster and
+    its second node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    try:
+        second = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster, second
+    finally:
+        cluster.shutdown()
+
+
+def ray_job(dashboard: str, *args: str) -> list[str]:
+    """`ray job submit` of `python -m launch train ARGS` with this checkout as the working directory, as
+    README tells users (the interpreter named in full: the cluster's PATH need not hold this environment)."""
+    return [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard, "--working-dir",
+            str(REPO), "--", sys.executable, "-m", "launch", "train", *args]
+
+
+def wait_until(condition: Callable[[], bool], what: str, job: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if job.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen (job ended: {job.returncode})")
+        time.sleep(0.2)
+
+
+def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterrupted_weights(
+        digits_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor],
+        two_nodes: tuple[Any, Any]) -> None:
+    from mlflow import MlflowClient
+
+    from launch.orchestration.starts import read_starts
+
+    cluster, second = two_nodes
+    dashboard = f"http://{cluster.webui_url}"
+    runs = tmp_path / "runs"
+    # Submitted as README's cluster commands are: relative outputs would go to Ray's temporary copy of the
+    # working directory, so the job refuses them and says what to pass.
+    refused = subprocess.run(ray_job(dashboard, f"data.root={digits_root}", *COMMON, *ELASTIC),
+                             capture_output=True, text=True, timeout=300)
+    assert "launch.runs_dir='runs' would write there" in refused.stdout + refused.stderr, refused.stdout[-3000:]
+
+    log = tmp_path / "elastic.log"
+    with log.open("wb") as output:
+        job = subprocess.Popen(ray_job(dashboard, *overrides(digits_root, runs, "elastic", *ELASTIC)),
+                               stdout=output, stderr=subprocess.STDOUT)
+    run_dir = runs / "elastic"
+    checkpoints = open_checkpoints(str(run_dir / "checkpoints"), keep_last=2)
+    try:
+        wait_until(lambda: checkpoints.latest() is not None, "a committed checkpoint", job)
+        cluster.remove_node(second)  # a lost node: its worker and everything else on it die
+        wait_until(lambda: [s.world_size for s in read_starts(run_dir)][-1:] == [1], "a restart with 1 worker", job)
+        cluster.add_node(num_cpus=1)  # a node joins: the group grows back at its next resize check
+        job.wait(timeout=600)
+    finally:
+        job.kill()
+    text = log.read_text(errors="replace")
+    assert job.returncode == 0, text[-5000:]
+
+    starts = read_starts(run_dir)
+    assert [s.world_size for s in starts] == [2, 1, 2], text[-5000:]
+    assert starts[1].cause is not None and starts[1].cause.startswith("shrank")
+    assert starts[2].cause == "grew: more workers could be had"
+    assert "resize: 2 -> 1 workers at step" in text and "resize: 1 -> 2 workers at step" in text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"], summary["restarts"], summary["resizes"]) == (TOTAL_STEPS, 2, 2, 2)
+    assert summary["steps_redone"] == sum(s.redone for s in starts)
+    assert_every_step_once(run_dir)
+    resizes = [(r["step"], r["world_size"], r["previous_world_size"])
+               for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "world_size" in r]
+    assert resizes == [(starts[1].step, 1, 2), (starts[2].step, 2, 1)]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    history = client.get_metric_history(summary["mlflow_run_id"], "world_size")
+    assert sorted((m.step, m.value) for m in history) == [(starts[1].step, 1.0), (starts[2].step, 2.0)]
+    # The outputs are where the job was told to write them, not in Ray's copy of the working directory.
+    assert not list(Path("/tmp/ray").glob("session_*/runtime_resources/working_dir_files/*/runs"))
+
+    # Same global batch at every size (1 worker accumulated 2 micro-batches of 32): the same weights, bit for
+    # bit, as 2 workers that never stopped. (BatchNorm's running statistics differ: a lone worker updates
+    # them with both micro-batches, DDP keeps rank 0's; training never reads them.)
+    weights = final_weights(run_dir / "checkpoints")
+    parameters = [key for key in uninterrupted if "running" not in key and "num_batches" not in key]
+    for key in parameters:
+        assert torch.equal(weights[key], uninterrupted[key]), key
+    # Negative control: with the global batch changed (1 worker, 32 images per step) the weights differ.
+    import trainer
+    from trainer.dist import single_process_context
+
+    halved = tmp_path / "halved"
+    trainer.run(load_config("quickstart", [f"data.root={digits_root}", *COMMON, f"checkpoint.url={halved}",
+                                           "tracking.enabled=false"]), single_process_context(), [])
+    latest = open_checkpoints(str(halved)).latest()
+    assert latest is not None
+    other = from_bytes(open_checkpoints(str(halved)).read(latest.step, "model.pt"))
+    assert not all(torch.equal(other[key], uninterrupted[key]) for key in parameters)
