@@ -59,11 +59,12 @@ def uninterrupted(digits_root: Path, module_tmp: Path) -> dict[str, torch.Tensor
     return final_weights(folder)
 
 
-def start_training(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m launch train` in a new process (its own local Ray cluster), output to `log`."""
+def start_training(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`python -m launch train` in a new process (its own local Ray cluster, which inherits `env` on top of
+    this environment), output to `log`."""
     with log.open("wb") as output:
         return subprocess.Popen([sys.executable, "-m", "launch", "train", *args], cwd=REPO, stdout=output,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
 def train_workers() -> list[psutil.Process]:
@@ -130,6 +131,36 @@ def test_killed_and_preempted_workers_are_restarted_and_reach_the_uninterrupted_
     assert summary["steps"] == TOTAL_STEPS and summary["world_size"] == 2
     assert output.count("val top-1") == 1  # the driver's summary; workers print none
     assert_registered_once(tmp_path, summary)
+
+
+
+def test_a_stopped_worker_times_out_its_collective_and_the_group_restarts(
+        digits_root: Path, tmp_path: Path) -> None:
+    log = tmp_path / "hung.log"
+    # One epoch (22 steps): exact resumes are shown above; this is about a hang becoming a restart.
+    # Ray then waits for the group's process groups to shut down, which a stopped process never does: 30 s by
+    # default, 5 here.
+    driver = start_training(overrides(digits_root, tmp_path, "hung", "distributed.timeout_s=15", "schedule.epochs=1"),
+                            log, env={"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
+    metrics = tmp_path / "hung" / "metrics.jsonl"
+    try:
+        wait_for_report(metrics, after_step=5)
+        stopped = train_workers()[-1]
+        assert f"pid={stopped.pid}) world_rank=" in log.read_text(errors="replace")  # a worker of this run
+        stopped.send_signal(signal.SIGSTOP)  # alive but answering nothing, as a hung GPU or a frozen host
+        time.sleep(1)
+        assert stopped.status() == psutil.STATUS_STOPPED
+        output = finish(driver, log)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-5000:]
+    # The other rank's collective gave up after distributed.timeout_s (gloo's message), the group failed once
+    # and was replaced (the stopped process killed with it), and the new group finished the run.
+    assert re.search(r"Timed out waiting 15000ms", output), output[-5000:]
+    assert "Error count: 1 " in output and "Error count: 2 " not in output
+    assert not psutil.pid_exists(stopped.pid) or stopped.status() == psutil.STATUS_ZOMBIE
+    summary = json.loads((tmp_path / "hung" / "summary.json").read_text())
+    assert (summary["steps"], summary["restarts"], summary["resizes"]) == (TOTAL_STEPS // 2, 1, 0)
 
 
 def assert_registered_once(runs: Path, summary: dict[str, object]) -> None:
