@@ -205,6 +205,30 @@ def bench_launch(args: argparse.Namespace) -> None:
     print(launched.as_json() if args.json else launched.table())
 
 
+@command("bench elastic", "what a shrink and a grow of an elastic Ray run cost, on a two-node cluster on this machine",
+         arg("--resize-interval-s", type=float, default=5.0,
+             help="launch.resize_interval_s of the run (default: 5; the config's default is 60)"),
+         arg("--group-start-timeout-s", type=float, default=60.0,
+             help="launch.group_start_timeout_s of the run (default: 60, the config's and Ray's)"),
+         JSON_ARGUMENT)
+def bench_elastic(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from data_pipeline.digits import render_digits
+    from launch.bench.elastic import bench_elastic
+
+    if args.resize_interval_s <= 0 or args.group_start_timeout_s <= 0:
+        raise ConfigError(f"--resize-interval-s={args.resize_interval_s} and --group-start-timeout-s="
+                          f"{args.group_start_timeout_s} must be > 0")
+    require_extras(["ray"])
+    with tempfile.TemporaryDirectory(prefix="bench-elastic-") as scratch:
+        digits = render_digits(Path(scratch) / "digits")
+        measured = bench_elastic(data_root=str(digits), scratch=Path(scratch) / "runs",
+                                 resize_interval_s=args.resize_interval_s,
+                                 group_start_timeout_s=args.group_start_timeout_s)
+    print(measured.as_json() if args.json else measured.table())
+
+
 @command("bench gpu", "measure a GPU node: bare step, engine, DALI mixed, DataLoader, side by side (tiny on a CPU)",
          arg("--out", required=True, help="folder for bench_gpu.json, bench_gpu.md and the generated JPEG files"),
          arg("--batch-size", type=int, default=None, help="images per step (default: 256 on a GPU)"),

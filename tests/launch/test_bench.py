@@ -156,3 +156,20 @@ def test_bench_infer_times_three_runtimes_at_each_batch_size(capsys: pytest.Capt
         assert row["batch_size"] * 1000 / row["p99_ms"] * 0.9 <= row["images_per_s"]
     assert main(["bench", "infer", "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes='1,x'" in capsys.readouterr().err
+
+
+def test_bench_elastic_reports_each_resize_with_its_settings() -> None:
+    # Measuring needs a two-node Ray cluster and a whole elastic run (minutes): tests/launch/test_ray.py runs
+    # that scenario and checks its outcome; here the report is checked on given numbers.
+    from launch.bench.elastic import ElasticBench, ResizeCost
+
+    bench = ElasticBench(resize_interval_s=5, group_start_timeout_s=60, rows=[
+        ResizeCost(event="shrink (node removed)", old_world_size=2, new_world_size=1, seconds_to_resumed_step=71.25,
+                   steps_redone=1),
+        ResizeCost(event="grow (node added)", old_world_size=1, new_world_size=2, seconds_to_resumed_step=12.5,
+                   steps_redone=3)])
+    lines = bench.table().splitlines()
+    assert "launch.resize_interval_s=5, launch.group_start_timeout_s=60" in lines[0]
+    assert lines[2].split() == ["shrink", "(node", "removed)", "2", "->", "1", "71.2", "1"]
+    assert lines[3].split() == ["grow", "(node", "added)", "1", "->", "2", "12.5", "3"]
+    assert json.loads(bench.as_json())["rows"][1]["seconds_to_resumed_step"] == 12.5
