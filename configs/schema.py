@@ -74,7 +74,9 @@ class DataConfig:
     """Folder or URL of the index written by `python -m launch data prepare` (only indexed images are read);
     None: <root>/index."""
     stage_dir: str = "~/.cache/resnet-train/datasets"
-    """Local folder (fast disk) that a data set at a URL is copied to, once per node, before training."""
+    """Local folder (fast disk) that a data set at a URL is copied to, once per node, before training; `~` and
+    environment variables (`$LOCAL_NVME/datasets`) are expanded on each node, for nodes whose fast disk is
+    at different paths."""
     loader: Literal["dali", "torch"] = "dali"
     """dali: NVIDIA DALI decodes on the GPU (CPU threads without one); torch: the PIL DataLoader baseline."""
     batch_size: int = 256
@@ -143,6 +145,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "root", self.root, "must name a folder")
+        _require(self.dataset != "digits" or "://" not in self.root, "root", self.root,
+                 "is a URL, but data.dataset='digits' renders the digits into a local folder there; for a data set "
+                 "at a URL set data.dataset='folder'")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import re
+import socket
 import shutil
 import time
 from collections.abc import Callable
@@ -47,9 +49,14 @@ class StagedDataset:
 
 
 def staged_folder(url: str, stage_dir: str | Path) -> Path:
-    """Where `url` is staged: a readable name plus a hash of the whole URL, under `stage_dir`."""
+    """Where `url` is staged: a readable name plus a hash of the whole URL, under `stage_dir` (with `~` and
+    this process's environment variables expanded; one that is not set is an error)."""
+    expanded = os.path.expandvars(str(stage_dir))
+    if unset := re.findall(r"\$\{?(\w+)", expanded):
+        raise DatasetError(f"data.stage_dir={str(stage_dir)!r}: environment variable {unset[0]} is not set on "
+                           f"this node ({socket.gethostname()})")
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[-1]).strip("-")[-60:]
-    return Path(stage_dir).expanduser() / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+    return Path(expanded).expanduser() / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
 
 
 def stage_dataset(url: str, stage_dir: str | Path, *, index_url: str | None = None, num_threads: int = 32,

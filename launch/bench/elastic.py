@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.extras import import_extra
+from launch.orchestration.rundir import METRICS_FILE
 from launch.orchestration.starts import read_starts
 
 
@@ -70,7 +71,7 @@ def bench_elastic(*, data_root: str, scratch: Path, resize_interval_s: float,
             f"launch.resize_interval_s={resize_interval_s}", f"launch.group_start_timeout_s={group_start_timeout_s}"]
 
     def reports() -> list[dict[str, float]]:
-        path = run_dir / "metrics.jsonl"
+        path = run_dir / METRICS_FILE
         lines = path.read_text().splitlines() if path.is_file() else []
         return [record for record in map(_parse, lines) if record is not None and "loss" in record]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from launch.orchestration.rundir import METRICS_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ def bench_launch(*, data_root: str, scratch: Path, workers: int = 2) -> LaunchBe
               f"launch.runs_dir={scratch}"]
 
     def reports(name: str) -> list[dict[str, float]]:
-        path = scratch / name / "metrics.jsonl"
+        path = scratch / name / METRICS_FILE
         lines = path.read_text().splitlines() if path.is_file() else []
         return [record for record in map(json.loads, lines) if "loss" in record]
 

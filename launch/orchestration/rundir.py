@@ -10,6 +10,9 @@ from configs.loader import dump_config
 from configs.schema import RunConfig
 from data_pipeline.storage import atomic_write
 
+METRICS_FILE = "metrics.jsonl"
+"""In the run folder: every report of the run as a JSON line (trainer.metrics.JsonLinesSink)."""
+
 
 def open_run_dir(cfg: RunConfig, *, resume: bool = False) -> tuple[RunConfig, Path]:
     """The run folder `<runs_dir>/<name>/` and the config to run in it, with every local path absolute (Ray

@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.orchestration.rundir import METRICS_FILE
+
 STARTS_FILE = "starts.jsonl"
 """In the run folder: one JSON line per start of the run's primary process."""
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import trainer
 from configs.schema import RunConfig
+from launch.orchestration.rundir import METRICS_FILE
 from launch.orchestration.starts import record_start, start_counts
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
@@ -39,7 +40,7 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
         begun = record_start(run_dir, step=resume_step, world_size=ctx.world_size)  # before metrics are cut back
         if begun.reached is not None:
             print(f"run {cfg.launch.name}: {begun.describe()}", flush=True)
-        metrics_file = JsonLinesSink(run_dir / "metrics.jsonl", resume_step=resume_step)
+        metrics_file = JsonLinesSink(run_dir / METRICS_FILE, resume_step=resume_step)
         sinks += [ConsoleSink(), metrics_file]
         if cfg.tracking.enabled:
             from launch.tracking.sink import MlflowSink

@@ -191,3 +191,9 @@ def test_num_workers_takes_a_number_or_an_elastic_range_that_keeps_the_global_ba
         load_config("quickstart", ["launch.num_workers=[3, 2]"])
     with pytest.raises(ConfigError, match=r"launch.num_workers=\[1, 2, 3\] must be a list of 2 values"):
         load_config("quickstart", ["launch.num_workers=[1, 2, 3]"])
+
+
+def test_the_digits_set_is_rendered_locally_so_a_url_root_needs_a_folder_data_set() -> None:
+    with pytest.raises(ConfigError, match=r"data.root='http://host/digits' is a URL, but data.dataset='digits'"):
+        load_config("quickstart", ["data.root=http://host/digits"])
+    assert load_config("quickstart", ["data.root=http://host/digits", "data.dataset=folder"]).data.dataset == "folder"

@@ -4,10 +4,6 @@ after an interruption, checked against the index, and trained from."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +12,8 @@ import pytest
 from configs.schema import DataConfig
 from data_pipeline import DatasetError, build_loaders
 from data_pipeline.staging import PARTIAL, stage_dataset, staged_folder
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.multiproc import free_port
+from tests.serving import http_server
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +21,8 @@ def served(module_tmp: Path, digits_root: Path) -> Iterator[tuple[str, Path]]:
     """(base URL, folder it serves): a copy of the digits set at <URL>/digits."""
     folder = module_tmp / "served"
     shutil.copytree(digits_root, folder / "digits")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "http.server did not start"
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", folder
-    server.terminate()
-    server.wait(timeout=30)
+    with http_server(folder) as base:
+        yield base, folder
 
 
 def test_a_data_set_at_a_url_is_staged_once_and_resumes_after_an_interruption(served: tuple[str, Path],
@@ -91,3 +71,12 @@ def test_remote_problems_are_clear_errors_naming_the_url(served: tuple[str, Path
     changed.write_bytes(changed.read_bytes() + b"\0")
     with pytest.raises(DatasetError, match=rf"{base}/changed/val/7/{changed.name} has \d+ bytes but the index"):
         stage_dataset(f"{base}/changed", tmp_path, log=lambda _: None)
+
+
+def test_the_stage_dir_expands_each_nodes_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NVME", str(tmp_path / "nvme"))
+    assert staged_folder("http://host/digits", "$NODE_NVME/datasets").parent == tmp_path / "nvme" / "datasets"
+    monkeypatch.delenv("NODE_NVME")
+    with pytest.raises(DatasetError, match=r"data.stage_dir='\$\{NODE_NVME\}/datasets': environment variable "
+                                           r"NODE_NVME is not set on this node"):
+        staged_folder("http://host/digits", "${NODE_NVME}/datasets")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from configs import load_config
 from tests.multiproc import free_port, run_ranks
+from tests.serving import http_server
 from trainer.checkpoint import open_checkpoints
 from trainer.serialize import from_bytes
 
@@ -235,17 +237,22 @@ ELASTIC = ["launch.num_workers=[1, 2]", "launch.resize_interval_s=1", "launch.gr
            "launch.max_failures=4"]
 
 
+STAGE_ENV = "RESNET_TEST_STAGE"
+"""Each node's own staging folder (data.stage_dir=$RESNET_TEST_STAGE), set in its processes' environment."""
+
+
 @pytest.fixture
-def two_nodes() -> Iterator[tuple[Any, Any]]:
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
     """A Ray cluster of two node processes on this machine (Ray's own test utility, as `ray start --head` and
-    `ray start --address` would make them), one CPU each, with the jobs API on 127.0.0.1: the cluster and
-    its second node."""
+    `ray start --address` would make them), one CPU and its own staging folder (tmp_path/stage/<node>) each,
+    with the jobs API on 127.0.0.1: the cluster and its second node."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "env_vars": {STAGE_ENV: str(tmp_path / "stage" / "head")}})
     try:
-        second = cluster.add_node(num_cpus=1)
+        second = cluster.add_node(num_cpus=1, env_vars={STAGE_ENV: str(tmp_path / "stage" / "second")})
         cluster.wait_for_nodes()
         yield cluster, second
     finally:
@@ -284,19 +291,25 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     assert "launch.runs_dir='runs' would write there" in refused.stdout + refused.stderr, refused.stdout[-3000:]
 
     log = tmp_path / "elastic.log"
-    with log.open("wb") as output:
-        job = subprocess.Popen(ray_job(dashboard, *overrides(digits_root, runs, "elastic", *ELASTIC)),
-                               stdout=output, stderr=subprocess.STDOUT)
     run_dir = runs / "elastic"
     checkpoints = open_checkpoints(str(run_dir / "checkpoints"), keep_last=2)
-    try:
-        wait_until(lambda: checkpoints.latest() is not None, "a committed checkpoint", job)
-        cluster.remove_node(second)  # a lost node: its worker and everything else on it die
-        wait_until(lambda: [s.world_size for s in read_starts(run_dir)][-1:] == [1], "a restart with 1 worker", job)
-        cluster.add_node(num_cpus=1)  # a node joins: the group grows back at its next resize check
-        job.wait(timeout=600)
-    finally:
-        job.kill()
+    requests = tmp_path / "requests.log"
+    # The images at an http:// URL, staged by each node into its own folder.
+    with http_server(digits_root.parent, log=requests) as base, log.open("wb") as output:
+        job = subprocess.Popen(ray_job(dashboard, *overrides(digits_root, runs, "elastic", *ELASTIC),
+                                       "data.dataset=folder", f"data.root={base}/{digits_root.name}",
+                                       f"data.stage_dir=${STAGE_ENV}"),
+                               stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: checkpoints.latest() is not None, "a committed checkpoint", job)
+            cluster.remove_node(second)  # a lost node: its worker and everything else on it die
+            wait_until(lambda: [s.world_size for s in read_starts(run_dir)][-1:] == [1], "a restart with 1 worker",
+                       job)
+            # A node joins: the group grows back at its next resize check.
+            cluster.add_node(num_cpus=1, env_vars={STAGE_ENV: str(tmp_path / "stage" / "third")})
+            job.wait(timeout=600)
+        finally:
+            job.kill()
     text = log.read_text(errors="replace")
     assert job.returncode == 0, text[-5000:]
 
@@ -315,6 +328,11 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     history = client.get_metric_history(summary["mlflow_run_id"], "world_size")
     assert sorted((m.step, m.value) for m in history) == [(starts[1].step, 1.0), (starts[2].step, 2.0)]
+    # Each node staged the images once, into its own folder: every image was fetched three times in all.
+    for node in ("head", "second", "third"):
+        assert [p.name for p in (tmp_path / "stage" / node).glob("*/.staged.json")] == [".staged.json"], node
+    fetched = Counter(re.findall(r'"GET (/\S+\.JPEG) HTTP', requests.read_text()))
+    assert len(fetched) == 1442 + 355 and set(fetched.values()) == {3}
     # The outputs are where the job was told to write them, not in Ray's copy of the working directory.
     assert not list(Path("/tmp/ray").glob("session_*/runtime_resources/working_dir_files/*/runs"))
 

@@ -125,7 +125,7 @@ def test_num_classes_must_match_the_data(digits_root: Path, tmp_path: Path) -> N
 
 def test_a_batch_larger_than_the_training_set_is_an_error(digits_root: Path, tmp_path: Path) -> None:
     cfg = load_config("quickstart", [*quick_overrides(digits_root, tmp_path), "data.batch_size=5000"])
-    with pytest.raises(IncompatibleSettings, match=r"data.batch_size=5000 x 1 workers x optim.accumulation_steps=1 "
+    with pytest.raises(IncompatibleSettings, match=r"data.batch_size=5000 x 1 workers x 1 accumulated micro-batches "
                                                    r"is larger than the training set \(1442 images\)"):
         trainer.run(cfg, single_process_context(), [])
 
