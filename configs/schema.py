@@ -471,7 +471,7 @@ class RunConfig:
             _require(self.distributed.strategy == "ddp", "launch.num_workers", launch.num_workers,
                      "is a range, which needs distributed.strategy='ddp' (a DeepSpeed ZeRO checkpoint only "
                      "reloads at the world size that wrote it)")
-            micro_batches = launch.max_workers * self.optim.accumulation_steps
+            micro_batches = self.micro_batches_per_step
             sizes = range(launch.min_workers, launch.max_workers + 1)
             working = [size for size in range(1, launch.max_workers + 1) if micro_batches % size == 0]
             _require(all(micro_batches % size == 0 for size in sizes), "launch.num_workers", launch.num_workers,
@@ -480,12 +480,18 @@ class RunConfig:
                      f"optim.accumulation_steps); sizes that do: {working}: choose a range of those, or change "
                      "optim.accumulation_steps")
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of data.batch_size images in one optimiser step of all ranks together, at the (max)
+        number of workers: launch.max_workers x optim.accumulation_steps."""
+        return self.launch.max_workers * self.optim.accumulation_steps
+
     def accumulation_steps_for(self, world_size: int) -> int:
         """Micro-batches each rank accumulates per step at `world_size`: optim.accumulation_steps, or with a
         range of workers what keeps the global batch at max workers' (data.batch_size x max x accumulation)."""
         if not self.launch.elastic:
             return self.optim.accumulation_steps
-        micro_batches = self.launch.max_workers * self.optim.accumulation_steps
+        micro_batches = self.micro_batches_per_step
         if micro_batches % world_size:
             sizes = f"[{self.launch.min_workers}, {self.launch.max_workers}]"
             raise IncompatibleSettings(f"launch.num_workers={sizes} does not allow {world_size} workers: they "

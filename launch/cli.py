@@ -144,6 +144,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
          JSON_ARGUMENT)
 def bench_infer(args: argparse.Namespace) -> None:
     from launch.bench.infer import bench_infer
+    from launch.tracking.onnx_export import ONNX_MODULES
 
     try:
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -152,7 +153,7 @@ def bench_infer(args: argparse.Namespace) -> None:
     if not batch_sizes or min(batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0:
         raise ConfigError(f"--batch-sizes={args.batch_sizes!r} must be >= 1, --iterations={args.iterations} >= 1 "
                           f"and --warmup={args.warmup} >= 0")
-    require_extras(["onnx", "onnxruntime", "onnxscript"])
+    require_extras(list(ONNX_MODULES))
     result = bench_infer(load_config(args.config, args.overrides), batch_sizes=batch_sizes,
                          iterations=args.iterations, warmup=args.warmup)
     print(result.as_json() if args.json else result.table())
@@ -288,11 +289,12 @@ def evaluate(args: argparse.Namespace) -> None:
          TRACKING_URI_ARGUMENT)
 def export(args: argparse.Namespace) -> None:
     from launch.tracking.artifacts import evaluation_images, export_trained
+    from launch.tracking.onnx_export import ONNX_MODULES
 
     if args.check_images < 1:
         raise ConfigError(f"--check-images={args.check_images} must be >= 1")
     if args.format == "onnx":
-        require_extras(["onnx", "onnxruntime", "onnxscript"])
+        require_extras(list(ONNX_MODULES))
     trained = _load_trained(args.source, args.tracking_uri)
     images = (evaluation_images(trained, args.check_images, data_root=args.data) if args.format == "onnx"
               else None)

@@ -65,6 +65,13 @@ def _parse(line: str) -> dict[str, float] | None:
     return record if isinstance(record, dict) and "step" in record else None
 
 
+def read_reports(path: Path) -> list[dict[str, float]]:
+    """Every report in the metrics.jsonl at `path`, in order (none if it does not exist; torn lines skipped)."""
+    if not path.is_file():
+        return []
+    return [record for line in path.read_text().splitlines() if (record := _parse(line)) is not None]
+
+
 def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)

@@ -21,6 +21,7 @@ from pathlib import Path
 from configs.extras import import_extra
 from launch.orchestration.rundir import METRICS_FILE
 from launch.orchestration.starts import read_starts
+from trainer.metrics import read_reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,7 @@ def bench_elastic(*, data_root: str, scratch: Path, resize_interval_s: float,
             f"launch.resize_interval_s={resize_interval_s}", f"launch.group_start_timeout_s={group_start_timeout_s}"]
 
     def reports() -> list[dict[str, float]]:
-        path = run_dir / METRICS_FILE
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return [record for record in map(_parse, lines) if record is not None and "loss" in record]
+        return [record for record in read_reports(run_dir / METRICS_FILE) if "loss" in record]
 
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
@@ -117,9 +116,3 @@ def bench_elastic(*, data_root: str, scratch: Path, resize_interval_s: float,
                    new_world_size=starts[2].world_size, seconds_to_resumed_step=grown - added,
                    steps_redone=starts[2].redone)])
 
-
-def _parse(line: str) -> dict[str, float] | None:
-    try:
-        return json.loads(line)  # type: ignore[no-any-return]
-    except json.JSONDecodeError:  # a line being written
-        return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.orchestration.rundir import METRICS_FILE
+from trainer.metrics import read_reports
 
 STARTS_FILE = "starts.jsonl"
 """In the run folder: one JSON line per start of the run's primary process."""
@@ -63,7 +64,7 @@ def record_start(run_dir: Path, *, step: int, world_size: int) -> Start:
     previous = read_starts(run_dir)
     reached = None
     if previous:
-        reached = int(max([0, *(record["step"] for record in _metrics(run_dir))]))
+        reached = int(max([0, *(record["step"] for record in read_reports(run_dir / METRICS_FILE))]))
     start = Start(time=time.time(), step=step, world_size=world_size, reached=reached,
                   previous_world_size=previous[-1].world_size if previous else None)
     with (run_dir / STARTS_FILE).open("a") as file:
@@ -88,15 +89,3 @@ def start_counts(run_dir: Path) -> dict[str, int]:
     return {"restarts": max(0, len(starts) - 1), "resizes": sum(s.cause is not None for s in starts),
             "steps_redone": sum(s.redone for s in starts)}
 
-
-def _metrics(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by the kill that ended the attempt
-            continue
-    return records
