@@ -1,8 +1,9 @@
 """`bench elastic`: what a shrink and a grow of an elastic Ray run cost, on a two-node cluster on this machine.
 
 A head and a second node process (Ray's cluster utilities, as `ray start --head` and `ray start --address`
-would make them; one CPU each) run a small digits job with `launch.num_workers=[1, 2]`. After checkpoint 5
-the second node is removed (a lost node): the group shrinks to 1 worker. Once that worker has reported a
+would make them; one CPU each) run a small digits job with `launch.num_workers=[1, 2]` (3 epochs, so that the
+shrunk group is still training when the grow comes). After checkpoint 5 the second node is removed (a lost
+node): the group shrinks to 1 worker. Once that worker has reported a
 step, a node is added: the group grows back to 2 at its next resize check. For each event: seconds from it
 to the first step the new group reports (every step is reported) and the steps redone.
 """
@@ -66,7 +67,7 @@ def bench_elastic(*, data_root: str, scratch: Path, resize_interval_s: float,
     cluster_utils = import_extra("ray.cluster_utils")
     run_dir = scratch / "elastic"
     args = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32", "data.num_workers=1",
-            "distributed.strategy=ddp", "schedule.epochs=2", "checkpoint.interval_steps=5",
+            "distributed.strategy=ddp", "schedule.epochs=3", "checkpoint.interval_steps=5",
             "tracking.log_interval_steps=1", "tracking.enabled=false", f"launch.runs_dir={scratch}",
             "launch.name=elastic", "launch.num_workers=[1, 2]", "launch.max_failures=4",
             f"launch.resize_interval_s={resize_interval_s}", f"launch.group_start_timeout_s={group_start_timeout_s}"]
