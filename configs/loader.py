@@ -154,7 +154,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             (kind,) = kinds
         return _coerce(value, kind, key, source)
     if origin is typing.Literal:
-        if value in args:
+        # Type and value: 1 is not True, and "true" is not True.
+        if any(value == choice and type(value) is type(choice) for choice in args):
             return value
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}")

@@ -88,6 +88,19 @@ class DataConfig:
     0 reads them on the training thread (DALI's plain external source)."""
     reader_lookahead: int = 4
     """dali: batches read ahead of the pipeline's requests by the reader threads."""
+    dali_hw_decoder_load: float = 0.65
+    """dali on GPUs: the share of each batch's JPEGs sent to the GPU's hardware JPEG decoder (A100, H100/H200);
+    the rest are Huffman-decoded on the CPU threads and finished on the GPU. DALI's own default is 0.65;
+    NVIDIA's MLPerf ResNet-50 runs on H100/H200 use 0.99. `bench gpu` measures 0.65 / 0.9 / 0.99 side by side."""
+    dali_prefetch_depth: int = 2
+    """dali: batches the pipeline prepares ahead of the one the training step takes (DALI's prefetch queue)."""
+    dali_memory_padding_mb: int | None = None
+    """dali on GPUs: headroom the decoder adds to each of its device and host buffers when it grows them, so that
+    a larger image later does not reallocate (MLPerf's H100/H200 runs: 256); None: DALI's defaults (16 MB device,
+    8 MB host)."""
+    dali_decode: Literal["roi", "full"] = "roi"
+    """dali: roi decodes only each image's crop window (`decoders.image_slice`); full decodes the whole image and
+    slices the window out on the device. The images delivered are the same; the speed differs."""
     image_size: int = 224
     """Side of the square crops the model trains on (and is validated on unless val_image_size is set)."""
     progressive_start_size: int | None = None
@@ -152,6 +165,11 @@ class DataConfig:
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")
         _require(self.reader_lookahead >= 1, "reader_lookahead", self.reader_lookahead, "must be >= 1")
+        _require(0 <= self.dali_hw_decoder_load <= 1, "dali_hw_decoder_load", self.dali_hw_decoder_load,
+                 "must be in [0, 1]")
+        _require(self.dali_prefetch_depth >= 1, "dali_prefetch_depth", self.dali_prefetch_depth, "must be >= 1")
+        _require(self.dali_memory_padding_mb is None or self.dali_memory_padding_mb >= 0, "dali_memory_padding_mb",
+                 self.dali_memory_padding_mb, "must be >= 0 (or null: DALI's defaults)")
         _require(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _require(self.val_image_size is None or self.val_image_size >= 8, "val_image_size", self.val_image_size,
                  "must be >= 8")
@@ -273,9 +291,14 @@ class PrecisionConfig:
     runs many times slower); fp16 adds a gradient scaler."""
     channels_last: bool = True
     """Keep the model and its inputs in NHWC memory format (what tensor cores and oneDNN prefer)."""
-    compile: bool = False
-    """Compile the model with torch.compile (inductor): fused BatchNorm/ReLU kernels, minutes of compile
-    time at start-up; worth it for long GPU runs."""
+    compile: Literal["auto", True, False] = "auto"
+    """Compile the model with torch.compile (inductor): fused BatchNorm/ReLU kernels for a minute or two of
+    compile time at start-up (reported as first_step_s, apart from images/s). auto: on GPUs (1.45x for
+    ResNet-50 on an H200, BENCHMARKS.md), off on CPUs (inductor's CPU compile of a ResNet takes minutes for
+    little gain) and under DeepSpeed (not supported)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune also times kernel variants (longer
+    compiles). `bench gpu` measures them side by side."""
     tf32: bool = True
     """GPUs: let fp32 matmuls and convolutions (those autocast leaves in fp32) use TF32 tensor cores."""
     cudnn_benchmark: bool = True

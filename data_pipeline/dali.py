@@ -15,6 +15,8 @@ windows. DALI still decodes only the window (`decoders.image_slice`, ROI decodin
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,13 +27,12 @@ import torch
 
 from configs.schema import DataConfig
 from data_pipeline.augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, IMAGENET_MEAN, IMAGENET_STD,
-                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, auto_augment_for, crop_for, erase_box_for,
-                                   num_auto_augment_ops)
+                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, num_auto_augment_ops, plan_batch)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-SourceBatch = tuple[list[np.ndarray], ...]
+SourceBatch = tuple[list[np.ndarray] | np.ndarray, ...]
 """What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips, output
 sizes (the same for the whole batch: the epoch's, with progressive resizing); with automatic augmentation
 the operations, magnitude bins and signs of each image; with random erasing each image's box (anchor, shape).
@@ -135,6 +136,16 @@ class DaliLoader:
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
                                            world_size=world_size, seed=seed, train=train)
         self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
+        # The index as arrays and full paths once, so that a batch is read without per-sample Python objects.
+        self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
+        self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
+        self.labels = torch.tensor([sample.label for sample in index.samples], dtype=torch.int64)
+        self.paths = [str(index.root / sample.path) for sample in index.samples]
+        self.reader_cpu_s = 0.0
+        """CPU time the batches' preparation (`_read_batch`) took so far, on whichever threads ran it."""
+        self.reader_batches = 0
+        """Batches prepared so far."""
+        self._reader_cpu_lock = threading.Lock()
         self._in_flight: deque[list[SampleKey]] = deque()
         self.auto_augment = train and cfg.auto_augment != "none"
         self.erasing = train and cfg.random_erasing_prob > 0
@@ -157,8 +168,13 @@ class DaliLoader:
             encoded, start, shape, mirror, size, *extra = fn.external_source(
                 source=self._next_batch, num_outputs=len(dtypes), batch=True, dtype=dtypes)
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
-            images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
-                                             output_type=types.RGB, adjust_orientation=False)
+            decoding = {"output_type": types.RGB, "adjust_orientation": False, **self._gpu_decoder_options()}
+            if self.cfg.dali_decode == "roi":
+                images = fn.decoders.image_slice(encoded, start=start, shape=shape, device="mixed" if gpu else "cpu",
+                                                 **decoding)
+            else:
+                images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", **decoding)
+                images = fn.slice(images, start=start, shape=shape, axis_names="WH")
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
             if self.auto_augment:
                 op, magnitude_bin, negate, *extra = extra
@@ -173,9 +189,20 @@ class DaliLoader:
             return images
 
         pipeline = graph(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                         device_id=dali_device_id(self.device), seed=seed, prefetch_queue_depth=2)
+                         device_id=dali_device_id(self.device), seed=seed,
+                         prefetch_queue_depth=self.cfg.dali_prefetch_depth)
         pipeline.build()
         return pipeline
+
+    def _gpu_decoder_options(self) -> dict[str, Any]:
+        """The mixed decoder's settings from the config (none for the CPU decoder, which has no use for them)."""
+        if self.device.type != "cuda":
+            return {}
+        options: dict[str, Any] = {"hw_decoder_load": self.cfg.dali_hw_decoder_load}
+        if self.cfg.dali_memory_padding_mb is not None:
+            padding = self.cfg.dali_memory_padding_mb * 2**20
+            options.update(device_memory_padding=padding, host_memory_padding=padding)
+        return options
 
     def _next_batch(self) -> SourceBatch:
         """DALI's source, called on the thread that runs the pipeline (ahead of the batches it returns, for
@@ -186,29 +213,25 @@ class DaliLoader:
 
     def _read_batch(self, keys: list[SampleKey], *, size: int) -> SourceBatch:
         """The encoded files, crop windows and flips of one batch, to be resized to `size` (on a reader
-        thread)."""
-        encoded: list[np.ndarray] = []
-        starts: list[np.ndarray] = []
-        shapes: list[np.ndarray] = []
-        mirrors: list[np.ndarray] = []
-        for index, seed in keys:
-            sample = self.index.samples[index]
-            encoded.append(np.fromfile(self.index.root / sample.path, dtype=np.uint8))
-            crop = crop_for(sample.width, sample.height, self.cfg, train=self.train, seed=seed)
-            starts.append(np.array([crop.left, crop.top], dtype=np.int32))
-            shapes.append(np.array([crop.width, crop.height], dtype=np.int32))
-            mirrors.append(np.array(crop.flip, dtype=np.int32))
-        sizes = [np.array([size, size], dtype=np.float32)] * len(keys)
-        batch: SourceBatch = (encoded, starts, shapes, mirrors, sizes)
-        if self.auto_augment:
-            ops = [auto_augment_for(self.cfg, seed=seed) for _, seed in keys]
-            batch += tuple([np.array([getattr(op, field) for op in sample_ops], dtype=np.int32) for sample_ops in ops]
-                           for field in ("op", "magnitude_bin", "negate"))
-        if self.erasing:
-            boxes = [erase_box_for(size, self.cfg, seed=seed) for _, seed in keys]
-            # An image that is not erased gets an empty box.
-            batch += ([np.array(box[:2] if box else (0, 0), dtype=np.float32) for box in boxes],
-                      [np.array(box[2:] if box else (0, 0), dtype=np.float32) for box in boxes])
+        thread): the files one by one, everything else as numpy over the whole batch (`plan_batch`)."""
+        cpu_start = time.thread_time()
+        indices = np.fromiter((index for index, _ in keys), dtype=np.int64, count=len(keys))
+        seeds = np.fromiter((seed for _, seed in keys), dtype=np.uint64, count=len(keys))
+        plan = plan_batch(self.widths[indices], self.heights[indices], seeds, self.cfg, train=self.train, size=size)
+        encoded = [np.fromfile(self.paths[index], dtype=np.uint8) for index in indices.tolist()]
+        crops = plan.crops
+        # Dense arrays: DALI's external source takes a batch as one array whose first axis is the sample.
+        batch: SourceBatch = (encoded, np.stack([crops.left, crops.top], axis=1).astype(np.int32),
+                              np.stack([crops.width, crops.height], axis=1).astype(np.int32),
+                              crops.flip.astype(np.int32), np.full((len(keys), 2), size, dtype=np.float32))
+        if plan.auto_augment is not None:
+            batch += (plan.auto_augment.op, plan.auto_augment.magnitude_bin, plan.auto_augment.negate)
+        if plan.erase_boxes is not None:
+            # DALI's erase takes (anchor, shape) per image; an image that is not erased has an empty box.
+            batch += (plan.erase_boxes[:, :2].astype(np.float32), plan.erase_boxes[:, 2:].astype(np.float32))
+        with self._reader_cpu_lock:
+            self.reader_cpu_s += time.thread_time() - cpu_start
+            self.reader_batches += 1
         return batch
 
     def _restart(self, keys: Iterator[list[SampleKey]], *, size: int) -> None:
@@ -250,7 +273,7 @@ class DaliLoader:
             images = torch.empty(tensor.shape(), dtype=self.dtype, device=self.device)
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
             feed_ndarray(tensor, images, cuda_stream=stream)
-            labels = torch.tensor([self.index.samples[i].label for i, _ in batch_keys], dtype=torch.int64)
+            labels = self.labels[[index for index, _ in batch_keys]]
             self.pipeline.schedule_run()  # the next batch decodes while the model trains on this one
             yield images.permute(0, 3, 1, 2), labels
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,24 +14,36 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from configs.schema import DataConfig
-from data_pipeline.augment import (AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, auto_augment_for,
-                                   crop_for, erase_box_for)
+from data_pipeline.augment import AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, Box, Crop, plan_batch
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import ShardedBatchSampler
 
 
-SizedKey = tuple[int, int, int]
-"""A `SampleKey` and the side the sample is resized to (its epoch's, with progressive resizing)."""
+class SampleJob(NamedTuple):
+    """What a worker process does to one sample: its place in the index and its share of the batch's plan."""
+
+    index: int
+    """Index into the split."""
+    size: int
+    """The side the sample is resized to (its epoch's, with progressive resizing)."""
+    crop: Crop
+    """Window and flip."""
+    ops: tuple[AugmentOp, ...]
+    """Automatic augmentation, in order (empty: none)."""
+    erase: Box | None
+    """Random erasing's box, if erased."""
 
 
-class SizedBatchSampler(Sampler[list[SizedKey]]):
-    """A `ShardedBatchSampler`'s batches with the output size of their epoch in each key (the dataset runs in
-    worker processes, which only see keys)."""
+class PlannedBatchSampler(Sampler[list[SampleJob]]):
+    """A `ShardedBatchSampler`'s batches, each planned at once (`augment.plan_batch`, the DALI loader's plan)
+    in this process, and handed to the worker processes sample by sample."""
 
-    def __init__(self, sampler: ShardedBatchSampler, cfg: DataConfig, *, train: bool) -> None:
+    def __init__(self, sampler: ShardedBatchSampler, index: SplitIndex, cfg: DataConfig, *, train: bool) -> None:
         self.sampler = sampler
         self.cfg = cfg
         self.train = train
+        self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
+        self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -39,9 +52,18 @@ class SizedBatchSampler(Sampler[list[SizedKey]]):
         """Make the next iteration yield epoch `epoch` from batch `start_batch` on."""
         self.sampler.set_position(epoch, start_batch)
 
-    def __iter__(self) -> Iterator[list[SizedKey]]:
+    def __iter__(self) -> Iterator[list[SampleJob]]:
         size = self.cfg.crop_size(train=self.train, epoch=self.sampler.epoch)
-        return ([(index, seed, size) for index, seed in batch] for batch in self.sampler)
+        for keys in self.sampler:
+            indices = np.array([index for index, _ in keys], dtype=np.int64)
+            plan = plan_batch(self.widths[indices], self.heights[indices],
+                              np.array([seed for _, seed in keys], dtype=np.uint64), self.cfg, train=self.train,
+                              size=size)
+            boxes = plan.erase_boxes
+            yield [SampleJob(int(index), size, plan.crops[i],
+                             plan.auto_augment.ops(i) if plan.auto_augment is not None else (),
+                             Box(*boxes[i].tolist()) if boxes is not None and boxes[i, 2] else None)
+                   for i, index in enumerate(indices)]
 
 
 ENHANCEMENTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -99,22 +121,20 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, key: SizedKey) -> tuple[torch.Tensor, int]:  # type: ignore[override]
-        index, seed, side = key
-        sample = self.index.samples[index]
+    def __getitem__(self, job: SampleJob) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        sample = self.index.samples[job.index]
+        crop = job.crop
         with Image.open(self.index.root / sample.path) as image:
-            crop = crop_for(image.width, image.height, self.cfg, train=self.train, seed=seed)
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
-            size = (side, side)
             # One resampling of the window (PIL filters with antialiasing when it shrinks).
-            resized = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box)
+            resized = image.convert("RGB").resize((job.size, job.size), Image.Resampling.BILINEAR, box=box)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
-        if self.train and (ops := auto_augment_for(self.cfg, seed=seed)):
-            pixels = apply_auto_augment(pixels.permute(2, 0, 1), ops, self.cfg.auto_augment).permute(1, 2, 0)
+        if job.ops:
+            pixels = apply_auto_augment(pixels.permute(2, 0, 1), job.ops, self.cfg.auto_augment).permute(1, 2, 0)
         if crop.flip:  # after the automatic augmentation, as in the DALI pipeline
             pixels = pixels.flip(1)
         normalized = (pixels.float() - self.mean) / self.std
-        if self.train and (erase := erase_box_for(side, self.cfg, seed=seed)) is not None:
+        if (erase := job.erase) is not None:
             normalized[erase.top:erase.top + erase.height, erase.left:erase.left + erase.width] = 0
         return normalized.to(self.dtype), sample.label
 
@@ -128,7 +148,7 @@ def collate_channels_last(samples: list[tuple[torch.Tensor, int]]) -> tuple[torc
 class TorchLoader:
     """A DataLoader over a `ShardedBatchSampler`: `iter_epoch(epoch, start_batch)` yields one rank's batches."""
 
-    def __init__(self, dataloader: DataLoader, sampler: SizedBatchSampler) -> None:
+    def __init__(self, dataloader: DataLoader, sampler: PlannedBatchSampler) -> None:
         self.dataloader = dataloader
         self.sampler = sampler
 
@@ -147,8 +167,9 @@ def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed:
     training; in order and keeping every image exactly once otherwise (see `sharding`). Batches are
     channels-last `dtype` images and int64 labels."""
     dataset = ImageDataset(index, cfg, train=train, dtype=dtype)
-    sampler = SizedBatchSampler(ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank,
-                                                    world_size=world_size, seed=seed, train=train), cfg, train=train)
+    sampler = PlannedBatchSampler(ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank,
+                                                      world_size=world_size, seed=seed, train=train), index, cfg,
+                                  train=train)
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,

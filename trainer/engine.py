@@ -27,7 +27,7 @@ from trainer.metrics import MetricSink
 from trainer.mix import BatchMixer
 from trainer.models import build_model
 from trainer.optim import build_optimizer, peak_learning_rate
-from trainer.precision import resolve_precision
+from trainer.precision import CompileMode, resolve_compile, resolve_precision
 from trainer.preempt import watch_for_preemption
 from trainer.state import Checkpointer
 from trainer.strategy import build_strategy
@@ -70,7 +70,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     model = prepare_model(network, ctx.device,
                           channels_last=cfg.precision.channels_last and cfg.distributed.strategy != "deepspeed",
                           sync_batchnorm=cfg.distributed.sync_batchnorm and ctx.world_size > 1,
-                          compile=cfg.precision.compile)
+                          compile_mode=resolve_compile(cfg.precision, ctx.device, strategy=cfg.distributed.strategy))
     optimizer = build_optimizer(bare_module(model), cfg.optim, peak_lr)
     ema = Ema(bare_module(model), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx,
@@ -97,17 +97,18 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
 
 
 def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool, sync_batchnorm: bool = False,
-                  compile: bool = False) -> nn.Module:
+                  compile_mode: CompileMode | None = None) -> nn.Module:
     """The fixed chain every user of a network applies, in this order: to `device` -> channels-last (NHWC,
     the format oneDNN and tensor cores run fastest) -> SyncBatchNorm -> torch.compile. The strategy's
-    wrapper (DDP or DeepSpeed) comes last, in `build_strategy`; `bare_module` undoes compile."""
+    wrapper (DDP or DeepSpeed) comes last, in `build_strategy`; `bare_module` undoes compile. `compile_mode`:
+    torch.compile's mode, None for no compile (see `resolve_compile`)."""
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+    if compile_mode is not None:
+        model = torch.compile(model, mode=compile_mode)  # type: ignore[assignment]
     return model
 
 
@@ -163,7 +164,7 @@ def check_distributed(cfg: RunConfig, ctx: DistContext) -> None:
             raise IncompatibleSettings(
                 "optim.name='lars' with distributed.strategy='deepspeed': ZeRO flattens parameters, so LARS "
                 "cannot see whole layers; use distributed.strategy='ddp'")
-        if cfg.precision.compile:
+        if cfg.precision.compile is True:
             raise IncompatibleSettings("precision.compile=true with distributed.strategy='deepspeed' is not "
                                        "supported; use ddp to compile")
     if strategy != "deepspeed" and cfg.distributed.zero_stage != DistributedConfig().zero_stage:

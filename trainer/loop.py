@@ -166,9 +166,12 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
             with meter.waiting_for_data():
                 micro_batches = learner.next_micro_batches(batches)
             loss = learner.step(micro_batches, step=step)
-            meter.add_step(loss, images=sum(labels.shape[0] for _, labels in micro_batches))
+            meter.add_step(loss, images=micro_batches_images(micro_batches))
             step += 1
             due = cadence.after(step)
+            if step == start_step + 1 and not due.report:
+                # The first step compiles and warms up: timed apart, so that images/s is the steady state's.
+                meter.set_aside_first_step(images=micro_batches_images(micro_batches))
             stop = False
             if due.report:
                 report = meter.report()
@@ -192,6 +195,11 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
                        time_to_accuracy=clock.reached)
 
 
+def micro_batches_images(micro_batches: list[Batch]) -> int:
+    """Images in one step's micro-batches on this rank."""
+    return sum(labels.shape[0] for _, labels in micro_batches)
+
+
 def progress(report: IntervalReport, *, step: int, lr: float, cadence: Cadence, meter: IntervalMeter,
              start_step: int) -> dict[str, float]:
     """The training metrics of a report: loss, lr, throughput, data wait, skipped steps, progress and ETA."""
@@ -204,6 +212,7 @@ def progress(report: IntervalReport, *, step: int, lr: float, cadence: Cadence, 
         "nonfinite_losses": report.nonfinite_losses,
         "progress": step / cadence.total_steps,
         "eta_s": (cadence.total_steps - step) * meter.train_time_s / (step - start_step),
+        **({} if report.first_step_s is None else {"first_step_s": report.first_step_s}),
     }
 
 

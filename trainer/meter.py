@@ -40,6 +40,9 @@ class IntervalReport:
     """Wall time of the interval on this rank."""
     stop_requested: bool
     """Whether any rank received SIGTERM: every rank stops at this report together."""
+    first_step_s: float | None = None
+    """This process's first step (torch.compile's compilation, cuDNN's algorithm search, the loader's start),
+    timed apart, in the first report after it; None in every other report."""
 
     @property
     def images_per_s(self) -> float:
@@ -75,6 +78,7 @@ class IntervalMeter:
         self.train_images = 0
         """Images of every finished interval, all ranks together."""
         self._rollback = False
+        self._first_step_s: float | None = None
         self.restart()
 
     def restart(self) -> None:
@@ -112,6 +116,19 @@ class IntervalMeter:
         self.images += images
         self.nonfinite_losses += (~finite).double()
 
+    def set_aside_first_step(self, *, images: int) -> None:
+        """Time the interval's steps so far (this process's first step) apart from it: they count towards the
+        run's totals and the next report's first_step_s, not its images/s. One host sync."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self._first_step_s = now - self.start
+        self.train_time_s += self._first_step_s
+        self.train_images += images * self.world_size
+        self.images -= images
+        self.data_wait_s = 0.0
+        self.start = now
+
     def report(self) -> IntervalReport:
         """Reduce the interval over ranks: two collectives, which every rank must reach at the same step, and
         the interval's host syncs (which also make its timing honest). A SIGTERM is acted on here, at most
@@ -131,7 +148,12 @@ class IntervalMeter:
         return IntervalReport(
             loss=loss_sum / finite_losses if finite_losses else float("nan"), images=int(images),
             nonfinite_losses=int(nonfinite), longest_nonfinite_streak=int(streak),
-            data_wait_s=data_wait_sum_s / self.world_size, elapsed_s=elapsed_s, stop_requested=bool(stop))
+            data_wait_s=data_wait_sum_s / self.world_size, elapsed_s=elapsed_s, stop_requested=bool(stop),
+            first_step_s=self._take_first_step_s())
+
+    def _take_first_step_s(self) -> float | None:
+        first_step_s, self._first_step_s = self._first_step_s, None
+        return first_step_s
 
     def check_divergence(self, report: IntervalReport, step: int) -> None:
         """Stop the run (`TrainingDiverged`) when too many consecutive steps had a non-finite loss."""

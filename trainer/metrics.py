@@ -44,6 +44,8 @@ class ConsoleSink:
                 parts.append(f"{name.removesuffix('_share').replace('_', ' ')} {100 * value:.0f}%")
             elif name in ("epoch", "images_per_s"):
                 parts.append(f"{name} {value:.1f}")
+            elif name == "first_step_s":
+                parts.append(f"first step (compile, warm-up) {value:.1f} s")
             elif name == "nonfinite_losses":
                 if value:
                     parts.append(f"skipped non-finite {int(value)}")

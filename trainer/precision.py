@@ -59,3 +59,13 @@ def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return Precision(name=name, device=device)
+
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def resolve_compile(cfg: PrecisionConfig, device: torch.device, *, strategy: str) -> CompileMode | None:
+    """torch.compile's mode for this run, or None for no compile: precision.compile "auto" compiles on GPUs
+    unless the strategy is DeepSpeed (which does not support it); true or false as given."""
+    enabled = device.type == "cuda" and strategy != "deepspeed" if cfg.compile == "auto" else cfg.compile
+    return cfg.compile_mode if enabled else None

@@ -80,12 +80,12 @@ def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device
     from trainer import prepare_model
     from trainer.models import build_model
     from trainer.optim import build_optimizer
-    from trainer.precision import resolve_precision
+    from trainer.precision import resolve_compile, resolve_precision
     from trainer.strategy.single import bare_module
 
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(cfg.model), device, channels_last=cfg.precision.channels_last,
-                          compile=cfg.precision.compile)
+                          compile_mode=resolve_compile(cfg.precision, device, strategy=cfg.distributed.strategy))
     optimizer = build_optimizer(bare_module(model), cfg.optim, cfg.optim.lr)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")

@@ -1,17 +1,19 @@
-"""Automatic augmentation and random erasing draws: functions of the sample's seed alone, covering their whole
-space, with torchvision's magnitude ranges."""
+"""Crops, automatic augmentation and random erasing draws: functions of the sample's seed alone (drawn for a
+whole batch at once), covering their whole space, with torchvision's rules and magnitude ranges."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 from torchvision.transforms import v2
 
 from configs.schema import DataConfig
 from data_pipeline.augment import (AUTO_AUGMENT_OPS, ERASE_AREAS, MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, AugmentOp,
-                                   auto_augment_for, erase_box_for)
+                                   auto_augment_for, crop_for, erase_box_for, plan_batch)
 
 SEEDS = range(3000)
 
@@ -68,3 +70,37 @@ def test_random_erasing_boxes_follow_the_seed_and_its_probability_and_fit_the_im
         assert ERASE_AREAS[0] * 0.6 < box.height * box.width / size**2 < ERASE_AREAS[1] * 1.3
     assert len(set(erased)) > len(erased) / 3  # boxes differ from image to image
     assert all(erase_box_for(size, DataConfig(), seed=seed) is None for seed in range(100))
+
+
+def test_a_batch_plan_is_each_images_own_plan_drawn_alone() -> None:
+    cfg = DataConfig(auto_augment="rand", random_erasing_prob=0.5, min_crop_area=0.08)
+    rng = np.random.default_rng(0)
+    widths, heights = rng.integers(200, 900, 500), rng.integers(200, 900, 500)
+    widths[:3], heights[:3] = (4000, 20, 1), (20, 4000, 1)  # no try fits: the centred fallback
+    seeds = rng.integers(0, 2**63, 500, dtype=np.uint64)
+    plan = plan_batch(widths, heights, seeds, cfg, train=True, size=64)
+    assert plan.auto_augment is not None and plan.erase_boxes is not None
+    for i in range(len(seeds)):
+        crop = crop_for(int(widths[i]), int(heights[i]), cfg, train=True, seed=int(seeds[i]))
+        assert plan.crops[i] == crop
+        assert 0 <= crop.left and crop.left + crop.width <= widths[i] and 0 < crop.width
+        assert 0 <= crop.top and crop.top + crop.height <= heights[i] and 0 < crop.height
+        assert plan.auto_augment.ops(i) == auto_augment_for(cfg, seed=int(seeds[i]))
+        box = erase_box_for(64, cfg, seed=int(seeds[i]))
+        assert tuple(plan.erase_boxes[i]) == (tuple(box) if box else (0, 0, 0, 0))
+    assert plan.crops[0][:4] == ((4000 - 27) // 2, 0, 27, 20) and plan.crops[2][:4] == (0, 0, 1, 1)
+    # Inception's rule: areas from min_crop_area up, log-uniform aspect ratios within [3/4, 4/3], half flipped.
+    fitted = np.arange(3, 500)
+    area = plan.crops.width[fitted] * plan.crops.height[fitted] / (widths[fitted] * heights[fitted])
+    aspect = plan.crops.width[fitted] / plan.crops.height[fitted]
+    torch.manual_seed(0)
+    reference = [(lambda top, left, h, w: h * w / (widths[i] * heights[i]))(*v2.RandomResizedCrop.get_params(
+        torch.empty(1, int(heights[i]), int(widths[i])), scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])) for i in fitted]
+    assert area.min() > 0.06 and area.max() <= 1
+    assert np.median(area) == pytest.approx(np.median(reference), abs=0.05)
+    assert area.mean() == pytest.approx(np.mean(reference), abs=0.05)
+    assert aspect.min() > 0.7 and aspect.max() < 1.42
+    assert plan.crops.flip.mean() == pytest.approx(0.5, abs=0.07)
+    # Negative control: other seeds give other crops.
+    other = plan_batch(widths, heights, seeds + np.uint64(1), cfg, train=True, size=64)
+    assert (other.crops.left != plan.crops.left).mean() > 0.9
