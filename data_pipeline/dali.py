@@ -4,12 +4,12 @@
 The one module that imports DALI (`pip install 'resnet-train[dali]'`).
 
 Which files each batch holds comes from `sharding.ShardedBatchSampler` and where each is cropped from
-`augment.train_crop`, both pure functions of (seed, epoch, sample); the pipeline gets them through an
-external source instead of DALI's file reader and random-crop operator. That is the resume mechanism:
-`iter_epoch(epoch, start_batch)` reproduces any position of any epoch without replaying or checkpointing
-reader and generator state, for any world size, and the baseline loader sees the very same samples and
-windows. DALI still decodes only the window (`decoders.image_slice`, ROI decoding) as
-`decoders.image_random_crop` would.
+`augment.plan_batch`, both pure functions of (seed, epoch, sample); the pipeline gets the paths and windows
+through an external source instead of DALI's file reader and random-crop operator. That is the resume
+mechanism: `iter_epoch(epoch, start_batch)` reproduces any position of any epoch without replaying or
+checkpointing reader and generator state, for any world size, and the baseline loader sees the very same
+samples and windows. DALI's own threads read the files (`io.file.read`), and it decodes only the window
+(`decoders.image_slice`, ROI decoding) as `decoders.image_random_crop` would (data.dali_decode).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SourceBatch = tuple[list[np.ndarray] | np.ndarray, ...]
-"""What the external source hands DALI for one batch: encoded files, crop starts, crop shapes, flips, output
+"""What the external source hands DALI for one batch: file paths (uint8), crop starts, crop shapes, flips, output
 sizes (the same for the whole batch: the epoch's, with progressive resizing); with automatic augmentation
 the operations, magnitude bins and signs of each image; with random erasing each image's box (anchor, shape).
 """
@@ -140,7 +140,9 @@ class DaliLoader:
         self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
         self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
         self.labels = torch.tensor([sample.label for sample in index.samples], dtype=torch.int64)
-        self.paths = [str(index.root / sample.path) for sample in index.samples]
+        # Each file's path, encoded as DALI's file reader takes it (bytes as a uint8 array).
+        self.paths = [np.frombuffer(str(index.root / sample.path).encode(), dtype=np.uint8)
+                      for sample in index.samples]
         self.reader_cpu_s = 0.0
         """CPU time the batches' preparation (`_read_batch`) took so far, on whichever threads ran it."""
         self.reader_batches = 0
@@ -165,8 +167,10 @@ class DaliLoader:
         def graph() -> Any:
             dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT]
             dtypes += [types.INT32] * 3 * self.auto_augment + [types.FLOAT] * 2 * self.erasing
-            encoded, start, shape, mirror, size, *extra = fn.external_source(
+            paths, start, shape, mirror, size, *extra = fn.external_source(
                 source=self._next_batch, num_outputs=len(dtypes), batch=True, dtype=dtypes)
+            # DALI's own threads read the files (in C++, beside the decoding), not the Python reader threads.
+            encoded = fn.io.file.read(paths)
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
             decoding = {"output_type": types.RGB, "adjust_orientation": False, **self._gpu_decoder_options()}
             if self.cfg.dali_decode == "roi":
@@ -212,16 +216,16 @@ class DaliLoader:
         return batch
 
     def _read_batch(self, keys: list[SampleKey], *, size: int) -> SourceBatch:
-        """The encoded files, crop windows and flips of one batch, to be resized to `size` (on a reader
-        thread): the files one by one, everything else as numpy over the whole batch (`plan_batch`)."""
+        """The file paths, crop windows and flips of one batch, to be resized to `size` (on a reader thread):
+        numpy over the whole batch (`plan_batch`); DALI reads the files."""
         cpu_start = time.thread_time()
         indices = np.fromiter((index for index, _ in keys), dtype=np.int64, count=len(keys))
         seeds = np.fromiter((seed for _, seed in keys), dtype=np.uint64, count=len(keys))
         plan = plan_batch(self.widths[indices], self.heights[indices], seeds, self.cfg, train=self.train, size=size)
-        encoded = [np.fromfile(self.paths[index], dtype=np.uint8) for index in indices.tolist()]
+        paths = [self.paths[index] for index in indices.tolist()]
         crops = plan.crops
         # Dense arrays: DALI's external source takes a batch as one array whose first axis is the sample.
-        batch: SourceBatch = (encoded, np.stack([crops.left, crops.top], axis=1).astype(np.int32),
+        batch: SourceBatch = (paths, np.stack([crops.left, crops.top], axis=1).astype(np.int32),
                               np.stack([crops.width, crops.height], axis=1).astype(np.int32),
                               crops.flip.astype(np.int32), np.full((len(keys), 2), size, dtype=np.float32))
         if plan.auto_augment is not None:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,11 +237,15 @@ def bench_elastic(args: argparse.Namespace) -> None:
          arg("--steps", type=int, default=None, help="steps per timed round (default: 30 on a GPU)"),
          arg("--rounds", type=int, default=None, help="timed rounds per row (default: 3 on a GPU)"),
          arg("--images", type=int, default=None, help="generated JPEG files (default: 20000 on a GPU)"),
+         arg("--compile-modes", default=None,
+             help="torch.compile modes of the compiled bare-step rows, comma-separated (default: "
+                  "default,reduce-overhead; max-autotune compiles for many minutes)"),
          JSON_ARGUMENT)
 def bench_gpu(args: argparse.Namespace) -> None:
     import torch
 
     from launch.bench.gpu import GpuBenchSettings, bench_gpu
+    from trainer.precision import CompileMode
 
     settings = GpuBenchSettings() if torch.cuda.is_available() else GpuBenchSettings.tiny()
     given = {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images": args.images}
@@ -248,6 +253,12 @@ def bench_gpu(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1")
     settings = dataclasses.replace(settings, **{name: value for name, value in given.items() if value is not None})
+    if args.compile_modes is not None:
+        modes = tuple(mode for mode in args.compile_modes.split(",") if mode)
+        known = typing.get_args(CompileMode)
+        if unknown := [mode for mode in modes if mode not in known]:
+            raise ConfigError(f"--compile-modes: unknown mode {unknown[0]!r} (known: {', '.join(known)})")
+        settings = dataclasses.replace(settings, compile_modes=modes)
     result = bench_gpu(Path(args.out), settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(result.as_json() if args.json else f"{result.table()}\n(also in {args.out}/bench_gpu.json and .md)")
 

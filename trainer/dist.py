@@ -36,9 +36,19 @@ class DistContext:
 
 
 def single_process_context() -> DistContext:
-    """A one-process job on the first GPU, or on the CPU when there is none."""
+    """A one-process job on the first GPU (CUDA initialised), or on the CPU when there is none."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    init_device(device)
     return DistContext(rank=0, local_rank=0, world_size=1, device=device)
+
+
+def init_device(device: torch.device) -> None:
+    """Make `device` current and initialise CUDA's runtime and torch's allocator for it, before anything asks
+    them (or NVML) about it: torch initialises lazily, and `torch.cuda.reset_peak_memory_stats` in a fresh
+    process fails ("Invalid device argument") until then. Nothing on CPUs."""
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.set_device(device)
 
 
 def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method: str = "env://",
@@ -48,9 +58,8 @@ def init_distributed(*, rank: int, local_rank: int, world_size: int, init_method
     Called by launchers, once per process, before `trainer.run`.
     """
     use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    init_device(device)
     torch.distributed.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
                                          world_size=world_size, device_id=device if use_cuda else None,
                                          timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))

@@ -41,6 +41,9 @@ class DataBench:
     """Variant -> CPU time the calling (training) thread spent inside the loader per batch, each round."""
     loader_wall_ms_per_batch: dict[str, list[float]]
     """Variant -> wall time the calling thread spent inside the loader per batch (work plus waiting)."""
+    reader_cpu_ms_per_batch: dict[str, list[float]]
+    """DALI variant -> CPU time the preparation of each batch's external-source input took (files, crop
+    windows, flips, augmentation draws), on whichever thread ran it, each round."""
 
     def round_ratios(self, variant: str) -> list[float]:
         """Images/s of `variant` over the baseline's, round by round (they ran back to back)."""
@@ -63,14 +66,15 @@ class DataBench:
                 f"batch {self.batch_size}, {self.num_workers} workers/threads, {self.reader_threads} DALI reader "
                 f"threads, training crops, {len(self.images_per_s['torch'])} rounds",
                 f"{'loader':<16} {'images/s':>22} {'/ torch (95% interval)':>24} "
-                f"{'training thread in loader, ms/batch':>38}",
-                f"{'':<16} {'':>22} {'':>24} {'CPU':>18} {'wall':>19}"]
+                f"{'training thread in loader, ms/batch':>38} {'DALI reader CPU':>18}",
+                f"{'':<16} {'':>22} {'':>24} {'CPU':>18} {'wall':>19} {'ms/batch':>18}"]
         for variant, values in self.images_per_s.items():
             low, high = median_interval(self.round_ratios(variant))
             ratio = f"{self.ratio(variant):.2f} ({low:.2f}-{high:.2f})"
             rows.append(f"{variant:<16} {spread(values):>22} {ratio:>24} "
                         f"{spread(self.loader_cpu_ms_per_batch[variant]):>18} "
-                        f"{spread(self.loader_wall_ms_per_batch[variant]):>19}")
+                        f"{spread(self.loader_wall_ms_per_batch[variant]):>19} "
+                        f"{spread(self.reader_cpu_ms_per_batch[variant]) if variant in self.reader_cpu_ms_per_batch else '-':>18}")
         ratios = {f"{variant} / torch": self.round_ratios(variant) for variant in self.images_per_s
                   if variant != "torch"}
         if (warning := trust_warning(ratios)) is not None:
@@ -119,6 +123,7 @@ def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str
     times what the calling thread spends inside the loader (its CPU time and wall time per batch): on a
     GPU that thread launches the kernels."""
     from data_pipeline import build_loaders
+    from data_pipeline.dali import DaliLoader
     from trainer.dist import single_process_context
 
     gpu = single_process_context().device
@@ -133,13 +138,16 @@ def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str
     images_per_s: dict[str, list[float]] = {variant: [] for variant in variants}
     cpu_ms: dict[str, list[float]] = {variant: [] for variant in variants}
     wall_ms: dict[str, list[float]] = {variant: [] for variant in variants}
+    reader_ms: dict[str, list[float]] = {variant: [] for variant in variants if variant != "torch"}
     for round_ in range(rounds + 1):
         for variant, built in loaders.items():
             device = device_of[variant]
             start = time.perf_counter()
             images = batches = 0
             inside_cpu_s = inside_wall_s = 0.0
-            iterator = built.train.iter_epoch(round_)
+            train = built.train
+            reader_start = (train.reader_cpu_s, train.reader_batches) if isinstance(train, DaliLoader) else None
+            iterator = train.iter_epoch(round_)
             while True:
                 cpu_start, wall_start = time.thread_time(), time.perf_counter()
                 batch = next(iterator, None)
@@ -154,10 +162,14 @@ def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str
                 images_per_s[variant].append(images / (time.perf_counter() - start))
                 cpu_ms[variant].append(1000 * inside_cpu_s / batches)
                 wall_ms[variant].append(1000 * inside_wall_s / batches)
+                if isinstance(train, DaliLoader) and reader_start is not None:
+                    reader_ms[variant].append(1000 * (train.reader_cpu_s - reader_start[0])
+                                              / max(1, train.reader_batches - reader_start[1]))
     return DataBench(num_images=built.num_train_images, image_size=cfg.image_size, batch_size=cfg.batch_size,
                      num_workers=cfg.num_workers, reader_threads=cfg.reader_threads,
                      dtype=str(dtype).removeprefix("torch."), source=source, images_per_s=images_per_s,
-                     loader_cpu_ms_per_batch=cpu_ms, loader_wall_ms_per_batch=wall_ms)
+                     loader_cpu_ms_per_batch=cpu_ms, loader_wall_ms_per_batch=wall_ms,
+                     reader_cpu_ms_per_batch=reader_ms)
 
 
 def bench_data_command(*, root: str | None, num_images: int, batch_size: int, num_workers: int,

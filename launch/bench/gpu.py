@@ -1,19 +1,26 @@
 """`bench gpu`: one command that measures a GPU node, side by side in one process.
 
-Rows: the bare step on synthetic device-resident data (the compute ceiling), the engine on the same data,
-the DALI mixed pipeline alone (the decode ceiling), the engine fed by DALI mixed from JPEG files, and the
-engine fed by the baseline DataLoader with every CPU core; the bare step and the engine synthetic also
-compiled. Per row: images/s (median and spread of its rounds), the data-wait share, peak GPU memory, GPU
-utilisation (NVML, where present). The JPEG files (ImageNet-like: 500x375 at quality 90) are generated on
-local disk first and kept for the next run.
+Three sections, each row with images/s (median and spread of its timed rounds), data-wait share, peak GPU
+memory, GPU utilisation (NVML, sampled only inside the timed rounds) and MFU:
+- compute: the bare step on synthetic device-resident data (the compute ceiling) and the engine on the same
+  data, eager and compiled (torch.compile's default mode, and CUDA graphs by reduce-overhead);
+- DALI: the pipeline alone over the generated JPEG files (the decode ceiling) with its configured settings,
+  then one setting changed at a time (hardware-decoder share, threads, prefetch depth, memory padding, full
+  decode against ROI decode, reader threads): the measurement that picks the DALI defaults;
+- files: the engine fed by DALI from the files, eager and compiled, with the configured and with the fastest
+  DALI settings, and fed by the baseline DataLoader with every CPU core.
 
-On a machine without a GPU the same command runs a tiny configuration, and the rows that need a GPU say why
-they were skipped: that is how the CPU test suite runs it.
+The JPEG files (ImageNet-like: 500x375 at quality 90) are generated on local disk first and kept for the next
+run. bench_gpu.json and bench_gpu.md are rewritten after each row, so a run cut short keeps what it measured.
+On a machine without a GPU the same command runs a tiny configuration (DALI on CPU threads), and the rows
+that need a GPU say why they were skipped: that is how the CPU test suite runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -29,7 +36,7 @@ import torch
 
 from configs.errors import ConfigError
 from configs.loader import load_config
-from configs.schema import RunConfig
+from configs.schema import DataConfig, RunConfig
 from launch.bench import spread, synchronize, trust_warning
 
 
@@ -53,6 +60,8 @@ class GpuBenchSettings:
     """DALI CPU threads per pipeline."""
     loader_workers: int = 0
     """DataLoader processes for the baseline row (0: every CPU core)."""
+    compile_modes: tuple[str, ...] = ("default", "reduce-overhead")
+    """torch.compile modes of the compiled bare-step rows (max-autotune compiles for many minutes: ask for it)."""
 
     @classmethod
     def tiny(cls) -> GpuBenchSettings:
@@ -79,6 +88,8 @@ class Row:
     the peak table)."""
     skipped: str | None = None
     """Why the row did not run."""
+    notes: str = ""
+    """What else was measured (first-step time, the DALI reader threads' CPU time per batch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +108,16 @@ class GpuBench:
         cells = []
         for row in self.rows:
             if row.skipped is not None:
-                cells.append([row.name, f"skipped: {row.skipped}", "", "", "", ""])
+                cells.append([row.name, f"skipped: {row.skipped}", "", "", "", "", ""])
                 continue
             cells.append([row.name, spread(row.images_per_s),
                           "-" if row.data_wait_share is None else f"{100 * row.data_wait_share:.0f}%",
                           "-" if row.peak_memory_gb is None else f"{row.peak_memory_gb:.1f}",
                           "-" if row.gpu_utilisation is None else f"{row.gpu_utilisation:.0f}%",
-                          "-" if row.mfu is None else f"{100 * row.mfu:.1f}%"])
+                          "-" if row.mfu is None else f"{100 * row.mfu:.1f}%", row.notes or "-"])
         return cells
 
-    HEADER = ["row", "images/s median (min-max)", "data wait", "peak GPU GB", "GPU util", "MFU"]
+    HEADER = ["row", "images/s median (min-max)", "data wait", "peak GPU GB", "GPU util", "MFU", "notes"]
 
     def _title(self) -> str:
         s = self.settings
@@ -124,8 +135,8 @@ class GpuBench:
             if row[1].startswith("skipped"):
                 lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
             else:
-                lines.append("  ".join(f"{cell:>{width}}" if i else f"{cell:<{width}}"
-                                       for i, (cell, width) in enumerate(zip(row, widths, strict=True))))
+                lines.append("  ".join(f"{cell:>{width}}" if 0 < i < len(row) - 1 else f"{cell:<{width}}"
+                                       for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
         rounds = {row.name: row.images_per_s for row in self.rows if row.images_per_s}
         if (warning := trust_warning(rounds)) is not None:
             lines.append(warning)
@@ -172,32 +183,80 @@ def _driver_version() -> str:
             return "unknown"
 
 
-@contextmanager
-def watch_gpu(device: torch.device) -> Iterator[Callable[[], tuple[float | None, float | None]]]:
-    """Sample the GPU's utilisation (NVML, 5 times a second) while the block runs and track torch's peak
-    memory; yields a function that returns (peak memory in GB, mean utilisation in %), None where unknown."""
-    samples: list[float] = []
-    stop = threading.Event()
+class GpuWatch:
+    """One row's GPU facts: torch's peak allocated memory over the whole row, and the GPU's utilisation (NVML,
+    5 samples a second) inside the row's timed rounds only (not through compilation or worker start-up)."""
 
-    def sample() -> None:
-        while not stop.wait(0.2):
-            try:
-                samples.append(float(torch.cuda.utilization(device)))
-            except Exception:  # noqa: BLE001 - no NVML: utilisation stays unknown
-                return
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples: list[float] = []
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    thread = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-    try:
-        yield lambda: (torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-                       statistics.mean(samples) if samples else None)
-    finally:
-        stop.set()
-        if thread is not None:
-            thread.join()
+    def start(self) -> None:
+        """Sample from now on (a timed round begins)."""
+        if self.device.type != "cuda" or self._thread is not None:
+            return
+        stop = self._stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.2):
+                try:
+                    self.samples.append(float(torch.cuda.utilization(self.device)))
+                except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py): utilisation stays unknown
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (the timed round ended)."""
+        if self._thread is not None and self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Sample while the block (one timed round) runs."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def peak_memory_gb(self) -> float | None:
+        """torch's peak allocated GPU memory since the row began."""
+        return torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
+
+    def utilisation(self) -> float | None:
+        """Mean utilisation in % over the timed rounds; None without samples (a CPU, no NVML)."""
+        return statistics.mean(self.samples) if self.samples else None
+
+
+class TimedReports:
+    """A sink that keeps the engine's training reports and has `watch` sample between the first report (the
+    end of the warm-up interval) and the last timed one."""
+
+    def __init__(self, watch: GpuWatch, rounds: int) -> None:
+        self.watch = watch
+        self.rounds = rounds
+        self.reports: list[dict[str, float]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Keep a training report; start or stop sampling at the timed interval's bounds."""
+        if "loss" not in metrics:
+            return
+        self.reports.append(metrics)
+        if len(self.reports) == 1:
+            self.watch.start()
+        elif len(self.reports) == self.rounds + 1:
+            self.watch.stop()
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        """Nothing: benchmarks write no checkpoints."""
 
 
 def run_config(settings: GpuBenchSettings, *overrides: str) -> RunConfig:
@@ -215,37 +274,78 @@ def engine_row(name: str, cfg: RunConfig, device: torch.device, *, rounds: int) 
     """The engine's own reports over one epoch of `cfg`, a report every `log_interval_steps`: the `rounds`
     reports after the first (which warms up; a shorter last one at the epoch's end is left out)."""
     import trainer
-    from launch.bench.step import ReportRecorder
     from trainer.dist import single_process_context
 
-    recorder = ReportRecorder()
-    with watch_gpu(device) as measured:
+    watch = GpuWatch(device)
+    recorder = TimedReports(watch, rounds)
+    try:
         trainer.run(cfg, single_process_context(), [recorder])
-        memory, utilisation = measured()
+    finally:
+        watch.stop()
     timed = recorder.reports[1:rounds + 1]
     assert timed, f"{name}: the epoch is too short for a report after the warm-up"
+    first_step_s = next((report["first_step_s"] for report in recorder.reports if "first_step_s" in report), None)
     return Row(name, [report["images_per_s"] for report in timed],
                data_wait_share=statistics.median(report["data_wait_share"] for report in timed),
-               peak_memory_gb=memory, gpu_utilisation=utilisation)
+               peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation(),
+               notes="" if first_step_s is None else f"first step {first_step_s:.1f} s")
 
 
-def dali_alone_row(settings: GpuBenchSettings, root: Path, device: torch.device) -> Row:
-    """The DALI mixed pipeline alone, no model: whole epochs over the generated files (the first warms up)."""
+DALI_VARIANTS: dict[str, dict[str, object]] = {
+    "hw_decoder_load 0.65": {"dali_hw_decoder_load": 0.65},
+    "hw_decoder_load 0.9": {"dali_hw_decoder_load": 0.9},
+    "hw_decoder_load 0.99": {"dali_hw_decoder_load": 0.99},
+    "threads 4": {"num_workers": 4},
+    "threads 8": {"num_workers": 8},
+    "threads 12": {"num_workers": 12},
+    "prefetch 3": {"dali_prefetch_depth": 3},
+    "prefetch 5": {"dali_prefetch_depth": 5},
+    "memory padding 256 MB": {"dali_memory_padding_mb": 256},
+    "full decode + slice": {"dali_decode": "full"},
+    "reader threads 4": {"reader_threads": 4},
+}
+"""The DALI section's variants: one setting each, changed from the configured defaults (a variant that equals
+them is left out)."""
+
+
+def dali_variants(cfg: DataConfig) -> dict[str, dict[str, object]]:
+    """The configured settings ("configured") and each variant of DALI_VARIANTS that differs from them."""
+    variants: dict[str, dict[str, object]] = {"configured": {}}
+    for name, changes in DALI_VARIANTS.items():
+        if any(getattr(cfg, key) != value for key, value in changes.items()):
+            variants[name] = changes
+    return variants
+
+
+def dali_alone_row(name: str, cfg: DataConfig, device: torch.device, *, steps: int, rounds: int) -> Row:
+    """The DALI pipeline alone, no model: `rounds` timed rounds of `steps` batches after one warm-up round,
+    epoch after epoch over the files. Notes the reader threads' CPU time per batch (the external source's
+    preparation of files, windows and draws)."""
     from data_pipeline import build_loaders
+    from data_pipeline.dali import DaliLoader
 
-    cfg = run_config(settings, f"data.root={root}", "data.loader=dali").data
     loaders = build_loaders(cfg, seed=0, device=device, dtype=torch.float16)
+    train = loaders.train
+    assert isinstance(train, DaliLoader)
+
+    def batches() -> Iterator[object]:
+        for epoch in itertools.count():
+            yield from train.iter_epoch(epoch)
+
+    stream = batches()
+    watch = GpuWatch(device)
     rates = []
-    with watch_gpu(device) as measured:
-        for epoch in range(settings.rounds + 1):
-            start, images = time.perf_counter(), 0
-            for batch, _ in loaders.train.iter_epoch(epoch):
-                images += batch.shape[0]
+    for round_ in range(rounds + 1):
+        with watch.timed() if round_ else contextlib.nullcontext():
+            start = time.perf_counter()
+            for _ in range(steps):
+                next(stream)
             synchronize(device)
-            if epoch:
-                rates.append(images / (time.perf_counter() - start))
-        memory, utilisation = measured()
-    return Row("DALI mixed alone (decode ceiling)", rates, peak_memory_gb=memory, gpu_utilisation=utilisation)
+            if round_:
+                rates.append(steps * cfg.batch_size / (time.perf_counter() - start))
+    reader_ms = 1000 * train.reader_cpu_s / max(1, train.reader_batches)
+    return Row(name, rates, peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation(),
+               notes=f"reader CPU {reader_ms:.2f} ms/batch")
 
 
 def with_mfu(row: Row, settings: GpuBenchSettings, device_name: str) -> Row:
@@ -281,11 +381,11 @@ def generate_jpegs(root: Path, settings: GpuBenchSettings) -> Path:
 def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
               log: Callable[[str], None] = print) -> GpuBench:
     """Measure every row on this process's device (its first GPU, else the CPU with `GpuBenchSettings.tiny`);
-    write bench_gpu.json and bench_gpu.md into `out`."""
+    rewrite bench_gpu.json and bench_gpu.md in `out` after each row."""
     from launch.bench.step import bare_rounds
     from trainer.dist import single_process_context
 
-    device = single_process_context().device
+    device = single_process_context().device  # initialises CUDA before anything asks it (or NVML) about the GPU
     gpu = device.type == "cuda"
     settings = settings or (GpuBenchSettings() if gpu else GpuBenchSettings.tiny())
     # The file-fed rows take one epoch of the generated files: a report every `interval` steps gives the
@@ -295,47 +395,75 @@ def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
         raise ConfigError(f"--images={settings.images} make fewer than {settings.rounds + 1} steps of "
                           f"{settings.batch_size}: generate more files or use fewer rounds")
     out.mkdir(parents=True, exist_ok=True)
+    machine = machine_facts(device)
+    rows: list[Row] = []
+
+    def add(row: Row) -> Row:
+        rows.append(with_mfu(row, settings, machine["device"]))
+        result = GpuBench(machine=machine, settings=dataclasses.asdict(settings), rows=rows)
+        (out / "bench_gpu.json").write_text(result.as_json() + "\n")
+        (out / "bench_gpu.md").write_text(result.markdown())
+        return row
+
     log(f"bench gpu: generating {settings.images} JPEG files under {out / 'data'} (kept for the next run)")
     root = generate_jpegs(out / "data", settings)
-    no_gpu = "needs a GPU (DALI's mixed decoder)"
     no_compile = "torch.compile rows run on GPUs only (inductor's CPU compile of a ResNet takes minutes here)"
     synthetic = ["data.dataset=synthetic", f"data.synthetic_classes={settings.classes}",
                  f"data.synthetic_images={settings.batch_size * settings.steps * (settings.rounds + 1)}"]
-    rows: list[Row] = []
-    for compiled in (False, True):
-        suffix = ", compiled" if compiled else ""
-        if compiled and not gpu:
-            rows += [Row(f"bare step, synthetic{suffix}", [], skipped=no_compile),
-                     Row(f"engine, synthetic{suffix}", [], skipped=no_compile)]
+
+    # Compute: the bare step and the engine on synthetic device-resident data, eager and compiled.
+    for mode in (None, *settings.compile_modes):
+        suffix = "" if mode is None else ", compiled" + ("" if mode == "default" else f" {mode}")
+        name = f"bare step, synthetic{suffix}" + (" (compute ceiling)" if mode is None else "")
+        if mode is not None and not gpu:
+            add(Row(name, [], skipped=no_compile))
             continue
-        cfg = run_config(settings, *synthetic, f"precision.compile={compiled}")
-        log(f"bench gpu: bare step, synthetic{suffix}")
-        with watch_gpu(device) as measured:
-            rates = bare_rounds(cfg, steps=settings.steps, rounds=settings.rounds, device=device)
-            memory, utilisation = measured()
-        rows.append(Row(f"bare step, synthetic{suffix} (compute ceiling)", rates, peak_memory_gb=memory,
-                        gpu_utilisation=utilisation))
-        log(f"bench gpu: engine, synthetic{suffix}")
-        rows.append(engine_row(f"engine, synthetic{suffix}", cfg, device, rounds=settings.rounds))
+        cfg = run_config(settings, *synthetic, f"precision.compile={mode is not None}",
+                         f"precision.compile_mode={mode or 'default'}")
+        log(f"bench gpu: {name}")
+        watch = GpuWatch(device)
+        rates = bare_rounds(cfg, steps=settings.steps, rounds=settings.rounds, device=device, timed=watch.timed)
+        add(Row(name, rates, peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation()))
+    for compiled in (False, True):
+        name = "engine, synthetic" + (", compiled" if compiled else "")
+        if compiled and not gpu:
+            add(Row(name, [], skipped=no_compile))
+            continue
+        log(f"bench gpu: {name}")
+        add(engine_row(name, run_config(settings, *synthetic, f"precision.compile={compiled}"), device,
+                       rounds=settings.rounds))
+
+    # DALI alone: the configured settings, then one setting changed at a time.
+    data_cfg = run_config(settings, f"data.root={root}", "data.loader=dali").data
+    dali_rows: dict[str, Row] = {}
+    for variant, changes in dali_variants(data_cfg).items():
+        name = f"DALI alone, {variant}" + (" (decode ceiling)" if variant == "configured" else "")
+        log(f"bench gpu: {name}")
+        dali_rows[variant] = add(dali_alone_row(name, dataclasses.replace(data_cfg, **changes), device,  # type: ignore[arg-type]
+                                                steps=settings.steps, rounds=settings.rounds))
+    fastest = max(dali_rows, key=lambda variant: statistics.median(dali_rows[variant].images_per_s))
+
+    # Files: the engine fed by DALI (configured, and the fastest variant if another) and by the DataLoader.
     files = [f"data.root={root}", f"tracking.log_interval_steps={interval}"]
-    if gpu:
-        log("bench gpu: DALI mixed alone")
-        rows.append(dali_alone_row(settings, root, device))
-        log("bench gpu: engine + DALI mixed")
-        rows.append(engine_row("engine + DALI mixed", run_config(settings, *files, "data.loader=dali"), device,
-                               rounds=settings.rounds))
-    else:
-        rows += [Row("DALI mixed alone (decode ceiling)", [], skipped=no_gpu),
-                 Row("engine + DALI mixed", [], skipped=no_gpu)]
+    for compiled in (False, True):
+        name = "engine + DALI" + (", compiled" if compiled else "")
+        if compiled and not gpu:
+            add(Row(name, [], skipped=no_compile))
+            continue
+        log(f"bench gpu: {name}")
+        add(engine_row(name, run_config(settings, *files, "data.loader=dali", f"precision.compile={compiled}"),
+                       device, rounds=settings.rounds))
+    if fastest != "configured":
+        changes = [f"data.{key}={value}" for key, value in DALI_VARIANTS[fastest].items()]
+        name = "engine + DALI" + (", compiled" if gpu else "") + f", {fastest}"
+        log(f"bench gpu: {name}")
+        add(engine_row(name, run_config(settings, *files, "data.loader=dali", f"precision.compile={gpu}",
+                                        *changes), device, rounds=settings.rounds))
     workers = settings.loader_workers or os.cpu_count() or 1
-    loader = f"engine + DataLoader ({workers} worker{'s' if workers > 1 else ''})"
+    loader = f"engine + DataLoader ({workers} worker{'s' if workers > 1 else ''})" + (", compiled" if gpu else "")
     log(f"bench gpu: {loader}")
-    rows.append(engine_row(loader,
-                           run_config(settings, *files, "data.loader=torch",
-                                      f"data.num_workers={workers}"), device, rounds=settings.rounds))
-    machine = machine_facts(device)
-    rows = [with_mfu(row, settings, machine["device"]) for row in rows]
-    result = GpuBench(machine=machine, settings=dataclasses.asdict(settings), rows=rows)
-    (out / "bench_gpu.json").write_text(result.as_json() + "\n")
-    (out / "bench_gpu.md").write_text(result.markdown())
-    return result
+    add(engine_row(loader, run_config(settings, *files, "data.loader=torch", f"data.num_workers={workers}",
+                                      f"precision.compile={gpu}"), device, rounds=settings.rounds))
+    if not gpu:
+        add(Row("DALI mixed decoder", [], skipped="needs a GPU (the DALI rows above ran on CPU threads)"))
+    return GpuBench(machine=machine, settings=dataclasses.asdict(settings), rows=rows)

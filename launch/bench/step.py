@@ -9,10 +9,13 @@ except data loading and checkpoints; its images/s is the one its own report prin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -72,10 +75,12 @@ class StepBench:
         return "\n".join(rows)
 
 
-def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device) -> list[float]:
+def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device,
+                timed: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext) -> list[float]:
     """Images/s of a hand-written loop (autocast forward, loss, backward, optimizer step) on synthetic
     device-resident batches: `rounds` timed rounds of `steps` steps each, after `steps` warm-up steps
-    (kernel selection, allocator, caches; and compilation with precision.compile)."""
+    (kernel selection, allocator, caches; and compilation with precision.compile). `timed`: a context each
+    timed round runs in (bench gpu samples the GPU's utilisation there)."""
     from data_pipeline.synthetic import SyntheticLoader
     from trainer import prepare_model
     from trainer.models import build_model
@@ -108,7 +113,11 @@ def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device
         return steps * cfg.data.batch_size / (time.perf_counter() - start)
 
     run_steps()  # warm-up
-    return [run_steps() for _ in range(rounds)]
+    rates = []
+    for _ in range(rounds):
+        with timed():
+            rates.append(run_steps())
+    return rates
 
 
 class ReportRecorder:
