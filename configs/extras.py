@@ -11,6 +11,7 @@ DISTRIBUTION = "resnet-train"
 """This package's name on the package index, for the install hint."""
 EXTRAS: dict[str, str] = {
     "nvidia.dali": "dali",
+    "pynvml": "dali",  # nvidia-ml-py, also in the mlflow extra
     "deepspeed": "deepspeed",
     "ray": "ray",
     "mlflow": "mlflow",

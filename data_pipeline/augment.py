@@ -49,7 +49,8 @@ class Crops(NamedTuple):
     height: np.ndarray
     flip: np.ndarray
 
-    def __getitem__(self, i: int) -> Crop:  # type: ignore[override]
+    def crop(self, i: int) -> Crop:
+        """Image `i`'s crop."""
         return Crop(int(self.left[i]), int(self.top[i]), int(self.width[i]), int(self.height[i]), bool(self.flip[i]))
 
 
@@ -79,7 +80,7 @@ def uniform_draws(seeds: np.ndarray, *, stream: int, count: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _below(draws: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+def _below(draws: np.ndarray, bounds: np.ndarray | int) -> np.ndarray:
     """Integers uniform in [0, bounds) from uniform draws in [0, 1)."""
     return np.minimum((draws * bounds).astype(np.int64), bounds - 1)
 
@@ -97,7 +98,8 @@ def train_crops(widths: np.ndarray, heights: np.ndarray, seeds: np.ndarray, *, m
     # np.rint rounds half to even, as Python's round().
     crop_widths = np.rint(np.sqrt(area * aspect)).astype(np.int64)
     crop_heights = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-    fits = (crop_widths > 0) & (crop_widths <= widths[:, None]) & (crop_heights > 0) & (crop_heights <= heights[:, None])
+    fits = ((crop_widths > 0) & (crop_widths <= widths[:, None])
+            & (crop_heights > 0) & (crop_heights <= heights[:, None]))
     rows, first = np.arange(len(widths)), fits.argmax(axis=1)
     found = fits[rows, first]
     # No try fitted: the whole image, cut to the ratio range, centred.
@@ -134,12 +136,12 @@ def crops_for(widths: np.ndarray, heights: np.ndarray, seeds: np.ndarray, cfg: D
 
 def crop_for(width: int, height: int, cfg: DataConfig, *, train: bool, seed: int) -> Crop:
     """The crop of one image (`crops_for` of a batch of one)."""
-    return crops_for(np.array([width]), np.array([height]), np.array([seed], dtype=np.uint64), cfg, train=train)[0]
+    return crops_for(np.array([width]), np.array([height]), np.array([seed], dtype=np.uint64), cfg, train=train).crop(0)
 
 
 def val_crop(width: int, height: int, *, crop_ratio: float) -> Crop:
     """The validation crop of one image (`val_crops` of a batch of one)."""
-    return val_crops(np.array([width]), np.array([height]), crop_ratio=crop_ratio)[0]
+    return val_crops(np.array([width]), np.array([height]), crop_ratio=crop_ratio).crop(0)
 
 
 AUTO_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -225,8 +227,8 @@ class AugmentDraws(NamedTuple):
 
     def ops(self, i: int) -> tuple[AugmentOp, ...]:
         """Image `i`'s operations, in order."""
-        return tuple(AugmentOp(int(op), int(magnitude_bin), bool(negate))
-                     for op, magnitude_bin, negate in zip(self.op[i], self.magnitude_bin[i], self.negate[i], strict=True))
+        levels = zip(self.op[i].tolist(), self.magnitude_bin[i].tolist(), self.negate[i].tolist(), strict=True)
+        return tuple(AugmentOp(op, magnitude_bin, bool(negate)) for op, magnitude_bin, negate in levels)
 
 
 def auto_augments_for(seeds: np.ndarray, cfg: DataConfig) -> AugmentDraws:
@@ -234,9 +236,9 @@ def auto_augments_for(seeds: np.ndarray, cfg: DataConfig) -> AugmentDraws:
     of their own: the crops' draws are unchanged by turning this on)."""
     levels = num_auto_augment_ops(cfg)
     u = uniform_draws(seeds, stream=AUTO_AUGMENT_STREAM, count=3 * levels)
-    op = _below(u[:, :levels], np.int64(len(AUTO_AUGMENT_OPS)))
+    op = _below(u[:, :levels], len(AUTO_AUGMENT_OPS))
     if cfg.auto_augment == "trivial":
-        magnitude_bin = _below(u[:, levels:2 * levels], np.int64(NUM_MAGNITUDE_BINS))
+        magnitude_bin = _below(u[:, levels:2 * levels], NUM_MAGNITUDE_BINS)
     else:
         magnitude_bin = np.full_like(op, cfg.rand_augment_magnitude)
     negate = u[:, 2 * levels:] < 0.5

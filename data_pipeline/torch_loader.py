@@ -22,7 +22,7 @@ from data_pipeline.sharding import ShardedBatchSampler
 class SampleJob(NamedTuple):
     """What a worker process does to one sample: its place in the index and its share of the batch's plan."""
 
-    index: int
+    sample: int
     """Index into the split."""
     size: int
     """The side the sample is resized to (its epoch's, with progressive resizing)."""
@@ -60,7 +60,7 @@ class PlannedBatchSampler(Sampler[list[SampleJob]]):
                               np.array([seed for _, seed in keys], dtype=np.uint64), self.cfg, train=self.train,
                               size=size)
             boxes = plan.erase_boxes
-            yield [SampleJob(int(index), size, plan.crops[i],
+            yield [SampleJob(int(index), size, plan.crops.crop(i),
                              plan.auto_augment.ops(i) if plan.auto_augment is not None else (),
                              Box(*boxes[i].tolist()) if boxes is not None and boxes[i, 2] else None)
                    for i, index in enumerate(indices)]
@@ -122,7 +122,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.index.samples)
 
     def __getitem__(self, job: SampleJob) -> tuple[torch.Tensor, int]:  # type: ignore[override]
-        sample = self.index.samples[job.index]
+        sample = self.index.samples[job.sample]
         crop = job.crop
         with Image.open(self.index.root / sample.path) as image:
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)

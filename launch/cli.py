@@ -19,7 +19,7 @@ from typing import Any
 from configs.errors import ConfigError
 from configs.extras import require_extras
 from configs.loader import dump_config, load_config
-from configs.schema import DataConfig, RunConfig
+from configs.schema import DataConfig, ModelName, RunConfig
 from launch.errors import PromotionRefused, describe_exit_statuses, exit_status_of
 
 DEFAULT_CONFIG = "quickstart"
@@ -233,6 +233,7 @@ def bench_elastic(args: argparse.Namespace) -> None:
 
 @command("bench gpu", "measure a GPU node: bare step, engine, DALI mixed, DataLoader, side by side (tiny on a CPU)",
          arg("--out", required=True, help="folder for bench_gpu.json, bench_gpu.md and the generated JPEG files"),
+         arg("--model", default=None, choices=typing.get_args(ModelName), help="network (default: resnet50 on a GPU)"),
          arg("--batch-size", type=int, default=None, help="images per step (default: 256 on a GPU)"),
          arg("--steps", type=int, default=None, help="steps per timed round (default: 30 on a GPU)"),
          arg("--rounds", type=int, default=None, help="timed rounds per row (default: 3 on a GPU)"),
@@ -253,6 +254,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1")
     settings = dataclasses.replace(settings, **{name: value for name, value in given.items() if value is not None})
+    if args.model is not None:
+        settings = dataclasses.replace(settings, model=args.model)
     if args.compile_modes is not None:
         modes = tuple(mode for mode in args.compile_modes.split(",") if mode)
         known = typing.get_args(CompileMode)

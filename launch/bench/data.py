@@ -71,10 +71,11 @@ class DataBench:
         for variant, values in self.images_per_s.items():
             low, high = median_interval(self.round_ratios(variant))
             ratio = f"{self.ratio(variant):.2f} ({low:.2f}-{high:.2f})"
+            reader = self.reader_cpu_ms_per_batch.get(variant)
             rows.append(f"{variant:<16} {spread(values):>22} {ratio:>24} "
                         f"{spread(self.loader_cpu_ms_per_batch[variant]):>18} "
                         f"{spread(self.loader_wall_ms_per_batch[variant]):>19} "
-                        f"{spread(self.reader_cpu_ms_per_batch[variant]) if variant in self.reader_cpu_ms_per_batch else '-':>18}")
+                        f"{spread(reader) if reader else '-':>18}")
         ratios = {f"{variant} / torch": self.round_ratios(variant) for variant in self.images_per_s
                   if variant != "torch"}
         if (warning := trust_warning(ratios)) is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -405,6 +406,18 @@ def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
         (out / "bench_gpu.md").write_text(result.markdown())
         return row
 
+    def measure(name: str, row: Callable[[], Row]) -> Row:
+        """Run one row; a row that fails is recorded as failed (its traceback logged), and the others still
+        run: on a new node, one broken setting must not hide the rest."""
+        log(f"bench gpu: {name}")
+        try:
+            return add(row())
+        except Exception as error:  # noqa: BLE001 - reported in the table and the log
+            import traceback
+
+            log(traceback.format_exc())
+            return add(Row(name, [], skipped=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+
     log(f"bench gpu: generating {settings.images} JPEG files under {out / 'data'} (kept for the next run)")
     root = generate_jpegs(out / "data", settings)
     no_compile = "torch.compile rows run on GPUs only (inductor's CPU compile of a ResNet takes minutes here)"
@@ -420,28 +433,31 @@ def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
             continue
         cfg = run_config(settings, *synthetic, f"precision.compile={mode is not None}",
                          f"precision.compile_mode={mode or 'default'}")
-        log(f"bench gpu: {name}")
-        watch = GpuWatch(device)
-        rates = bare_rounds(cfg, steps=settings.steps, rounds=settings.rounds, device=device, timed=watch.timed)
-        add(Row(name, rates, peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation()))
+
+        def bare_row(name: str = name, cfg: RunConfig = cfg) -> Row:
+            watch = GpuWatch(device)
+            rates = bare_rounds(cfg, steps=settings.steps, rounds=settings.rounds, device=device, timed=watch.timed)
+            return Row(name, rates, peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation())
+
+        measure(name, bare_row)
     for compiled in (False, True):
         name = "engine, synthetic" + (", compiled" if compiled else "")
         if compiled and not gpu:
             add(Row(name, [], skipped=no_compile))
             continue
-        log(f"bench gpu: {name}")
-        add(engine_row(name, run_config(settings, *synthetic, f"precision.compile={compiled}"), device,
-                       rounds=settings.rounds))
+        cfg = run_config(settings, *synthetic, f"precision.compile={compiled}")
+        measure(name, functools.partial(engine_row, name, cfg, device, rounds=settings.rounds))
 
     # DALI alone: the configured settings, then one setting changed at a time.
     data_cfg = run_config(settings, f"data.root={root}", "data.loader=dali").data
     dali_rows: dict[str, Row] = {}
     for variant, changes in dali_variants(data_cfg).items():
         name = f"DALI alone, {variant}" + (" (decode ceiling)" if variant == "configured" else "")
-        log(f"bench gpu: {name}")
-        dali_rows[variant] = add(dali_alone_row(name, dataclasses.replace(data_cfg, **changes), device,  # type: ignore[arg-type]
-                                                steps=settings.steps, rounds=settings.rounds))
-    fastest = max(dali_rows, key=lambda variant: statistics.median(dali_rows[variant].images_per_s))
+        variant_cfg = dataclasses.replace(data_cfg, **changes)  # type: ignore[arg-type]
+        dali_rows[variant] = measure(name, functools.partial(dali_alone_row, name, variant_cfg, device,
+                                                             steps=settings.steps, rounds=settings.rounds))
+    fastest = max((variant for variant, row in dali_rows.items() if row.images_per_s),
+                  key=lambda variant: statistics.median(dali_rows[variant].images_per_s), default="configured")
 
     # Files: the engine fed by DALI (configured, and the fastest variant if another) and by the DataLoader.
     files = [f"data.root={root}", f"tracking.log_interval_steps={interval}"]
@@ -450,20 +466,17 @@ def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
         if compiled and not gpu:
             add(Row(name, [], skipped=no_compile))
             continue
-        log(f"bench gpu: {name}")
-        add(engine_row(name, run_config(settings, *files, "data.loader=dali", f"precision.compile={compiled}"),
-                       device, rounds=settings.rounds))
+        cfg = run_config(settings, *files, "data.loader=dali", f"precision.compile={compiled}")
+        measure(name, functools.partial(engine_row, name, cfg, device, rounds=settings.rounds))
     if fastest != "configured":
-        changes = [f"data.{key}={value}" for key, value in DALI_VARIANTS[fastest].items()]
+        fastest_overrides = [f"data.{key}={value}" for key, value in DALI_VARIANTS[fastest].items()]
         name = "engine + DALI" + (", compiled" if gpu else "") + f", {fastest}"
-        log(f"bench gpu: {name}")
-        add(engine_row(name, run_config(settings, *files, "data.loader=dali", f"precision.compile={gpu}",
-                                        *changes), device, rounds=settings.rounds))
+        cfg = run_config(settings, *files, "data.loader=dali", f"precision.compile={gpu}", *fastest_overrides)
+        measure(name, functools.partial(engine_row, name, cfg, device, rounds=settings.rounds))
     workers = settings.loader_workers or os.cpu_count() or 1
     loader = f"engine + DataLoader ({workers} worker{'s' if workers > 1 else ''})" + (", compiled" if gpu else "")
-    log(f"bench gpu: {loader}")
-    add(engine_row(loader, run_config(settings, *files, "data.loader=torch", f"data.num_workers={workers}",
-                                      f"precision.compile={gpu}"), device, rounds=settings.rounds))
+    cfg = run_config(settings, *files, "data.loader=torch", f"data.num_workers={workers}", f"precision.compile={gpu}")
+    measure(loader, functools.partial(engine_row, loader, cfg, device, rounds=settings.rounds))
     if not gpu:
         add(Row("DALI mixed decoder", [], skipped="needs a GPU (the DALI rows above ran on CPU threads)"))
     return GpuBench(machine=machine, settings=dataclasses.asdict(settings), rows=rows)

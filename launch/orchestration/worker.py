@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 import trainer
 from configs.schema import RunConfig
@@ -37,6 +40,10 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
         where = f", resuming from step {resume_step}" if resume_step else ""
         print(f"run {cfg.launch.name}: {cfg.model.name} on {ctx.world_size} x {ctx.device.type}{where}, outputs in "
               f"{run_dir}", flush=True)
+        if ctx.device.type == "cuda":
+            # Which GPU this process trains on, as the launcher (Ray) placed it.
+            print(f"run {cfg.launch.name}: rank 0 trains on {ctx.device} ({torch.cuda.get_device_name(ctx.device)}), "
+                  f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}", flush=True)
         begun = record_start(run_dir, step=resume_step, world_size=ctx.world_size)  # before metrics are cut back
         if begun.reached is not None:
             print(f"run {cfg.launch.name}: {begun.describe()}", flush=True)

@@ -82,13 +82,13 @@ def test_a_batch_plan_is_each_images_own_plan_drawn_alone() -> None:
     assert plan.auto_augment is not None and plan.erase_boxes is not None
     for i in range(len(seeds)):
         crop = crop_for(int(widths[i]), int(heights[i]), cfg, train=True, seed=int(seeds[i]))
-        assert plan.crops[i] == crop
+        assert plan.crops.crop(i) == crop
         assert 0 <= crop.left and crop.left + crop.width <= widths[i] and 0 < crop.width
         assert 0 <= crop.top and crop.top + crop.height <= heights[i] and 0 < crop.height
         assert plan.auto_augment.ops(i) == auto_augment_for(cfg, seed=int(seeds[i]))
         box = erase_box_for(64, cfg, seed=int(seeds[i]))
         assert tuple(plan.erase_boxes[i]) == (tuple(box) if box else (0, 0, 0, 0))
-    assert plan.crops[0][:4] == ((4000 - 27) // 2, 0, 27, 20) and plan.crops[2][:4] == (0, 0, 1, 1)
+    assert plan.crops.crop(0)[:4] == ((4000 - 27) // 2, 0, 27, 20) and plan.crops.crop(2)[:4] == (0, 0, 1, 1)
     # Inception's rule: areas from min_crop_area up, log-uniform aspect ratios within [3/4, 4/3], half flipped.
     fitted = np.arange(3, 500)
     area = plan.crops.width[fitted] * plan.crops.height[fitted] / (widths[fitted] * heights[fitted])

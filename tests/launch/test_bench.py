@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -76,23 +77,39 @@ def test_bench_gpu_runs_its_tiny_configuration_on_a_cpu_and_says_what_it_skipped
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
+    from launch.bench.gpu import GpuBenchSettings, dali_variants, run_config
+
     if torch.cuda.is_available():
         pytest.skip("this test runs the CPU configuration; tests/gpu runs the GPU one")
     assert main(["bench", "gpu", "--out", str(tmp_path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {row["name"]: row for row in record["rows"]}
-    assert set(rows) == {"bare step, synthetic (compute ceiling)", "engine, synthetic",
-                         "bare step, synthetic, compiled", "engine, synthetic, compiled",
-                         "DALI mixed alone (decode ceiling)", "engine + DALI mixed", "engine + DataLoader (1 worker)"}
-    for name in ("bare step, synthetic (compute ceiling)", "engine, synthetic", "engine + DataLoader (1 worker)"):
+    compiled = ["bare step, synthetic, compiled", "bare step, synthetic, compiled reduce-overhead",
+                "engine, synthetic, compiled", "engine + DALI, compiled"]
+    # The configured DALI settings, then each variant that differs from them (hw_decoder_load 0.65 does not).
+    variants = list(dali_variants(run_config(GpuBenchSettings.tiny(), "data.loader=dali").data))
+    assert "hw_decoder_load 0.65" not in variants and {"threads 8", "full decode + slice"} <= set(variants)
+    dali = ["DALI alone, configured (decode ceiling)", *(f"DALI alone, {variant}" for variant in variants[1:])]
+    measured = ["bare step, synthetic (compute ceiling)", "engine, synthetic", *dali, "engine + DALI",
+                "engine + DataLoader (1 worker)"]
+    assert set(measured + compiled) | {"DALI mixed decoder"} <= set(rows)
+    for name in measured:
         rates = rows[name]["images_per_s"]
-        assert len(rates) == 2 and min(rates) > 0 and not rows[name]["skipped"]
+        assert len(rates) == 2 and min(rates) > 0 and not rows[name]["skipped"], name
+    for name in compiled:
+        assert rows[name]["skipped"].startswith("torch.compile rows run on GPUs only"), name
     assert 0 <= rows["engine + DataLoader (1 worker)"]["data_wait_share"] < 1
-    assert rows["engine + DALI mixed"]["skipped"] == "needs a GPU (DALI's mixed decoder)"
-    assert rows["engine, synthetic, compiled"]["skipped"].startswith("torch.compile rows run on GPUs only")
+    assert rows["DALI mixed decoder"]["skipped"].startswith("needs a GPU")
+    # The engine's first step is timed apart; the DALI rows note their reader threads' CPU time per batch.
+    assert re.fullmatch(r"first step [\d.]+ s", rows["engine + DALI"]["notes"])
+    assert all(re.fullmatch(r"reader CPU [\d.]+ ms/batch", rows[name]["notes"]) for name in dali)
+    # The fastest DALI variant also feeds the engine, unless it is the configured one.
+    fastest = max(dali, key=lambda name: statistics.median(rows[name]["images_per_s"]))
+    variant = fastest.removeprefix("DALI alone, ")
+    assert (f"engine + DALI, {variant}" in rows) == (fastest != dali[0])
     assert record["machine"]["torch"] == torch.__version__ and record["settings"]["model"] == "resnet18"
     assert json.loads((tmp_path / "bench_gpu.json").read_text()) == record
-    assert "| engine + DALI mixed | skipped: needs a GPU" in (tmp_path / "bench_gpu.md").read_text()
+    assert "| engine + DALI, compiled | skipped: torch.compile" in (tmp_path / "bench_gpu.md").read_text()
 
 
 def test_bench_gpu_mfu_is_training_flops_over_the_peak() -> None:
