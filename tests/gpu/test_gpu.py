@@ -203,7 +203,7 @@ def test_train_in_a_fresh_process_compiles_on_the_gpu_is_killed_and_resumes(tmp_
     assert re.search(r"first step \(compile, warm-up\) [\d.]+ s", output), output[-3000:]
     resumed = launch("train", "--resume", "gpu", f"launch.runs_dir={runs}")
     assert resumed.returncode == 0, resumed.stderr[-5000:] + resumed.stdout[-5000:]
-    assert re.search(r"resuming from step (10|20)\b", resumed.stdout), resumed.stdout[-3000:]
+    assert re.search(r"resuming from step (10|20|30)\b", resumed.stdout), resumed.stdout[-3000:]
     summary = json.loads((runs / "gpu" / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["steps"] == 40 and summary["images_per_s"] > 0
 
