@@ -8,6 +8,7 @@ with the line that installs the extra, not skip: validating a node means running
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -88,9 +89,9 @@ def test_every_dali_setting_delivers_the_same_images(digits_root: Path) -> None:
     reference = first_batches(base)
     for changes in ({"dali_hw_decoder_load": 0.99}, {"dali_prefetch_depth": 5}, {"dali_memory_padding_mb": 256},
                     {"dali_decode": "full"}):
-        images = first_batches(DataConfig(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, **changes}))
-        # The hardware decoder and nvJPEG's CUDA decoder may round differently: well under a grey level.
-        assert (images - reference).abs().mean() < 0.01, changes
+        images = first_batches(dataclasses.replace(base, **changes))  # type: ignore[arg-type]
+        # The hardware decoder and nvJPEG's CUDA decoder may round their IDCTs differently: under 2 grey levels.
+        assert (images - reference).abs().mean() < 0.035, changes
     # Negative control: other crops of the same files differ by far more.
     other = build_loaders(base, seed=1, device=gpu, dtype=torch.float16).train.iter_epoch(0, start_batch=3)
     assert (torch.cat([next(other)[0] for _ in range(3)]).float() - reference).abs().mean() > 0.2
