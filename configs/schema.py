@@ -82,7 +82,9 @@ class DataConfig:
     batch_size: int = 256
     """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
     num_workers: int = 8
-    """Decoding threads (dali) or processes (torch) per training worker."""
+    """Decoding threads (dali) or processes (torch) per training worker. DALI on one H200 with 16 cores: 12
+    threads decode 9% faster than 8, 4 threads 39% slower (BENCHMARKS.md, 9755cf5); give each GPU's worker
+    most of its share of the node's cores."""
     reader_threads: int = 2
     """dali: threads that read the files and compute the crops of upcoming batches, off the training thread;
     0 reads them on the training thread (DALI's plain external source)."""
@@ -91,16 +93,19 @@ class DataConfig:
     dali_hw_decoder_load: float = 0.65
     """dali on GPUs: the share of each batch's JPEGs sent to the GPU's hardware JPEG decoder (A100, H100/H200);
     the rest are Huffman-decoded on the CPU threads and finished on the GPU. DALI's own default is 0.65;
-    NVIDIA's MLPerf ResNet-50 runs on H100/H200 use 0.99. `bench gpu` measures 0.65 / 0.9 / 0.99 side by side."""
+    NVIDIA's MLPerf ResNet-50 runs on H100/H200 use 0.99. On one H200 with 8 threads, 0.65 / 0.9 / 0.99 decoded
+    within 2% of each other (`bench gpu`, BENCHMARKS.md, commit 9755cf5), so DALI's default stays."""
     dali_prefetch_depth: int = 2
-    """dali: batches the pipeline prepares ahead of the one the training step takes (DALI's prefetch queue)."""
+    """dali: batches the pipeline prepares ahead of the one the training step takes (DALI's prefetch queue); 3 or
+    5 decoded 3% faster than 2 on one H200 (BENCHMARKS.md, 9755cf5), within the spread."""
     dali_memory_padding_mb: int | None = None
     """dali on GPUs: headroom the decoder adds to each of its device and host buffers when it grows them, so that
     a larger image later does not reallocate (MLPerf's H100/H200 runs: 256); None: DALI's defaults (16 MB device,
-    8 MB host)."""
+    8 MB host). 256 made no difference on one H200 (BENCHMARKS.md, 9755cf5)."""
     dali_decode: Literal["roi", "full"] = "roi"
     """dali: roi decodes only each image's crop window (`decoders.image_slice`); full decodes the whole image and
-    slices the window out on the device. The images delivered are the same; the speed differs."""
+    slices the window out on the device. The images delivered are the same (tests/gpu); full decoded 18% slower
+    on one H200 (BENCHMARKS.md, 9755cf5)."""
     image_size: int = 224
     """Side of the square crops the model trains on (and is validated on unless val_image_size is set)."""
     progressive_start_size: int | None = None
@@ -292,13 +297,14 @@ class PrecisionConfig:
     channels_last: bool = True
     """Keep the model and its inputs in NHWC memory format (what tensor cores and oneDNN prefer)."""
     compile: Literal["auto", True, False] = "auto"
-    """Compile the model with torch.compile (inductor): fused BatchNorm/ReLU kernels for a minute or two of
-    compile time at start-up (reported as first_step_s, apart from images/s). auto: on GPUs (1.45x for
-    ResNet-50 on an H200, BENCHMARKS.md), off on CPUs (inductor's CPU compile of a ResNet takes minutes for
-    little gain) and under DeepSpeed (not supported)."""
+    """Compile the model with torch.compile (inductor): fused BatchNorm/ReLU kernels for about 30 s of compile
+    time at start-up (reported as first_step_s, apart from images/s). auto: on GPUs (1.46x for ResNet-50 on
+    one H200, 1.40x fed by DALI: BENCHMARKS.md, 9755cf5), off on CPUs (inductor's CPU compile of a ResNet takes
+    minutes for little gain) and under DeepSpeed (not supported)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune also times kernel variants (longer
-    compiles). `bench gpu` measures them side by side."""
+    compiles). `bench gpu` measures them side by side: on one H200, CUDA graphs added 1.4% to the bare step
+    (BENCHMARKS.md, 9755cf5), not enough to make them the default."""
     tf32: bool = True
     """GPUs: let fp32 matmuls and convolutions (those autocast leaves in fp32) use TF32 tensor cores."""
     cudnn_benchmark: bool = True
