@@ -190,3 +190,26 @@ def test_bench_elastic_reports_each_resize_with_its_settings() -> None:
     assert lines[2].split() == ["shrink", "(node", "removed)", "2", "->", "1", "71.2", "1"]
     assert lines[3].split() == ["grow", "(node", "added)", "1", "->", "2", "12.5", "3"]
     assert json.loads(bench.as_json())["rows"][1]["seconds_to_resumed_step"] == 12.5
+
+
+def test_a_failing_bench_gpu_row_is_recorded_and_the_others_still_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import launch.bench.gpu as gpu
+
+    original = gpu.dali_alone_row
+
+    def broken_padding(name: str, cfg: object, *args: object, **kwargs: object) -> object:
+        if "padding" in name:
+            raise RuntimeError("[/opt/dali/decoder.cc:42] Assert on \"padding\" failed\nsecond line")
+        return original(name, cfg, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gpu, "dali_alone_row", broken_padding)
+    logged: list[str] = []
+    result = gpu.bench_gpu(tmp_path, gpu.GpuBenchSettings.tiny(), log=logged.append)
+    rows = {row.name: row for row in result.rows}
+    failed = rows["DALI alone, memory padding 256 MB"]
+    assert failed.skipped == 'failed: RuntimeError: [/opt/dali/decoder.cc:42] Assert on "padding" failed'
+    assert any("Traceback" in line and "broken_padding" in line for line in logged)  # the traceback is logged
+    # The rows after it ran, and the saved report holds the failure.
+    assert rows["DALI alone, full decode + slice"].images_per_s and rows["engine + DataLoader (1 worker)"].images_per_s
+    assert "failed: RuntimeError" in (tmp_path / "bench_gpu.md").read_text()

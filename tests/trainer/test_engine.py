@@ -279,3 +279,58 @@ def test_a_blurpool_network_trains_exports_and_its_checkpoint_fits_only_a_blurpo
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     example = torch.randn(3, 3, 16, 16)
     assert torch.allclose(program.module()(example), network(example), atol=1e-5)
+
+
+@pytest.mark.parametrize("set_aside", [True, False], ids=["timed-apart", "negative-control-not-set-aside"])
+def test_the_first_step_is_timed_apart_from_images_per_s(digits_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, set_aside: bool) -> None:
+    import time
+
+    import trainer.loop
+    import trainer.meter
+
+    # A first step that takes 6 s (as a compile does): it must show as first_step_s, not in images/s.
+    original = trainer.loop.Learner.step
+    calls = []
+
+    def slow_first_step(self: trainer.loop.Learner, micro_batches: list, *, step: int) -> torch.Tensor:
+        calls.append(step)
+        if len(calls) == 1:
+            time.sleep(6.0)
+        return original(self, micro_batches, step=step)
+
+    monkeypatch.setattr(trainer.loop.Learner, "step", slow_first_step)
+    if not set_aside:
+        monkeypatch.setattr(trainer.meter.IntervalMeter, "set_aside_first_step", lambda self, *, images: None)
+    sink = RecordingSink()
+    result = trainer.run(load_config("quickstart", quick_overrides(digits_root, tmp_path)), single_process_context(),
+                         [sink])
+    train_reports = [m for _, m in sink.reports if "loss" in m]
+    first, second = train_reports[0]["images_per_s"], train_reports[1]["images_per_s"]
+    if set_aside:
+        assert train_reports[0]["first_step_s"] >= 6.0 and all("first_step_s" not in m for m in train_reports[1:])
+        # The first report's images/s counts its other 9 steps over their own time, like the second report's.
+        assert first > 0.6 * second, (first, second)
+    else:  # the 6 s inside the first interval drag its images/s far below the second's
+        assert "first_step_s" not in train_reports[0] and first < 0.6 * second, (first, second)
+    # The run's totals keep every image and second either way: the first step's time is in the whole-job figure.
+    assert result.train_images == 22 * 64 and result.train_time_s >= 6.0
+
+
+def test_compile_auto_is_on_for_gpus_and_off_for_cpus_and_deepspeed() -> None:
+    from trainer.precision import resolve_compile
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    auto = PrecisionConfig()
+    assert auto.compile == "auto"
+    assert resolve_compile(auto, gpu, strategy="ddp") == "default"
+    assert resolve_compile(auto, cpu, strategy="ddp") is None
+    assert resolve_compile(auto, gpu, strategy="deepspeed") is None
+    assert resolve_compile(PrecisionConfig(compile=True, compile_mode="reduce-overhead"), cpu,
+                           strategy="none") == "reduce-overhead"
+    assert resolve_compile(PrecisionConfig(compile=False), gpu, strategy="none") is None
+    # The loader takes booleans and "auto", nothing that merely compares equal to them.
+    assert load_config(None, ["precision.compile=true"]).precision.compile is True
+    assert load_config(None, ["precision.compile=auto"]).precision.compile == "auto"
+    with pytest.raises(Exception, match="precision.compile=1 is not one of"):
+        load_config(None, ["precision.compile=1"])
