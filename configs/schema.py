@@ -32,6 +32,8 @@ def _require(ok: bool, key: str, value: Any, reason: str) -> None:
 
 
 ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+"""torch.compile's modes."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -301,7 +303,7 @@ class PrecisionConfig:
     time at start-up (reported as first_step_s, apart from images/s). auto: on GPUs (1.46x for ResNet-50 on
     one H200, 1.40x fed by DALI: BENCHMARKS.md, 9755cf5), off on CPUs (inductor's CPU compile of a ResNet takes
     minutes for little gain) and under DeepSpeed (not supported)."""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: CompileMode = "default"
     """torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune also times kernel variants (longer
     compiles). `bench gpu` measures them side by side: on one H200, CUDA graphs added 1.4% to the bare step
     (BENCHMARKS.md, 9755cf5), not enough to make them the default."""

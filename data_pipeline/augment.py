@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from configs.schema import DataConfig
+
+if TYPE_CHECKING:
+    from data_pipeline.index import SplitIndex
+    from data_pipeline.sharding import SampleKey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of RGB values in [0, 1], subtracted before the model sees an image."""
@@ -289,7 +293,12 @@ def erase_box_for(size: int, cfg: DataConfig, *, seed: int) -> Box | None:
     image is not erased."""
     if cfg.random_erasing_prob == 0:
         return None
-    top, left, height, width = erase_boxes_for(size, np.array([seed], dtype=np.uint64), cfg)[0].tolist()
+    return erase_box_of(erase_boxes_for(size, np.array([seed], dtype=np.uint64), cfg)[0])
+
+
+def erase_box_of(row: np.ndarray) -> Box | None:
+    """One row of `erase_boxes_for` as a `Box`; None for the empty box of an image that is not erased."""
+    top, left, height, width = row.tolist()
     return Box(top, left, height, width) if height else None
 
 
@@ -305,6 +314,24 @@ class BatchPlan:
     """The automatic augmentation's operations (training with data.auto_augment), else None."""
     erase_boxes: np.ndarray | None
     """Random erasing's boxes [batch, 4] (training with data.random_erasing_prob > 0), else None."""
+
+
+class BatchPlanner:
+    """`plan_batch` for the batches of one split, given as `SampleKey`s: the split's image sizes are held as
+    arrays once, so that a batch is planned without per-sample Python objects."""
+
+    def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool) -> None:
+        self.cfg = cfg
+        self.train = train
+        self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
+        self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
+
+    def plan(self, keys: list[SampleKey], *, size: int) -> tuple[np.ndarray, BatchPlan]:
+        """The split indices of `keys` and their batch's plan, to be resized to `size`."""
+        indices = np.fromiter((index for index, _ in keys), dtype=np.int64, count=len(keys))
+        seeds = np.fromiter((seed for _, seed in keys), dtype=np.uint64, count=len(keys))
+        return indices, plan_batch(self.widths[indices], self.heights[indices], seeds, self.cfg, train=self.train,
+                                   size=size)
 
 
 def plan_batch(widths: np.ndarray, heights: np.ndarray, seeds: np.ndarray, cfg: DataConfig, *, train: bool,

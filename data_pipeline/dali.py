@@ -27,7 +27,7 @@ import torch
 
 from configs.schema import DataConfig
 from data_pipeline.augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, IMAGENET_MEAN, IMAGENET_STD,
-                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, num_auto_augment_ops, plan_batch)
+                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, BatchPlanner, num_auto_augment_ops)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
@@ -136,9 +136,8 @@ class DaliLoader:
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
                                            world_size=world_size, seed=seed, train=train)
         self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
-        # The index as arrays and full paths once, so that a batch is read without per-sample Python objects.
-        self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
-        self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
+        self.planner = BatchPlanner(index, cfg, train=train)
+        # Labels and full paths once, so that a batch is read without per-sample Python objects.
         self.labels = torch.tensor([sample.label for sample in index.samples], dtype=torch.int64)
         # Each file's path, encoded as DALI's file reader takes it (bytes as a uint8 array).
         self.paths = [np.frombuffer(str(index.root / sample.path).encode(), dtype=np.uint8)
@@ -219,9 +218,7 @@ class DaliLoader:
         """The file paths, crop windows and flips of one batch, to be resized to `size` (on a reader thread):
         numpy over the whole batch (`plan_batch`); DALI reads the files."""
         cpu_start = time.thread_time()
-        indices = np.fromiter((index for index, _ in keys), dtype=np.int64, count=len(keys))
-        seeds = np.fromiter((seed for _, seed in keys), dtype=np.uint64, count=len(keys))
-        plan = plan_batch(self.widths[indices], self.heights[indices], seeds, self.cfg, train=self.train, size=size)
+        indices, plan = self.planner.plan(keys, size=size)
         paths = [self.paths[index] for index in indices.tolist()]
         crops = plan.crops
         # Dense arrays: DALI's external source takes a batch as one array whose first axis is the sample.

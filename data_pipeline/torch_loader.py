@@ -14,7 +14,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from configs.schema import DataConfig
-from data_pipeline.augment import AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, Box, Crop, plan_batch
+from data_pipeline.augment import (AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, BatchPlanner, Box, Crop,
+                                   erase_box_of)
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import ShardedBatchSampler
 
@@ -42,8 +43,7 @@ class PlannedBatchSampler(Sampler[list[SampleJob]]):
         self.sampler = sampler
         self.cfg = cfg
         self.train = train
-        self.widths = np.array([sample.width for sample in index.samples], dtype=np.int64)
-        self.heights = np.array([sample.height for sample in index.samples], dtype=np.int64)
+        self.planner = BatchPlanner(index, cfg, train=train)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -55,15 +55,12 @@ class PlannedBatchSampler(Sampler[list[SampleJob]]):
     def __iter__(self) -> Iterator[list[SampleJob]]:
         size = self.cfg.crop_size(train=self.train, epoch=self.sampler.epoch)
         for keys in self.sampler:
-            indices = np.array([index for index, _ in keys], dtype=np.int64)
-            plan = plan_batch(self.widths[indices], self.heights[indices],
-                              np.array([seed for _, seed in keys], dtype=np.uint64), self.cfg, train=self.train,
-                              size=size)
+            indices, plan = self.planner.plan(keys, size=size)
             boxes = plan.erase_boxes
-            yield [SampleJob(int(index), size, plan.crops.crop(i),
+            yield [SampleJob(index, size, plan.crops.crop(i),
                              plan.auto_augment.ops(i) if plan.auto_augment is not None else (),
-                             Box(*boxes[i].tolist()) if boxes is not None and boxes[i, 2] else None)
-                   for i, index in enumerate(indices)]
+                             erase_box_of(boxes[i]) if boxes is not None else None)
+                   for i, index in enumerate(indices.tolist())]
 
 
 ENHANCEMENTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -106,14 +103,14 @@ def apply_auto_augment(image: torch.Tensor, ops: tuple[AugmentOp, ...], policy: 
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included), cropped as
-    `crops` says for the sample's key, resized to the model's input, augmented (training) and normalised, as
-    HWC tensors of `dtype`."""
+    """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included), cropped, resized,
+    augmented as each `SampleJob` says, and normalised, as HWC tensors of `dtype`."""
 
     def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, dtype: torch.dtype) -> None:
         self.index = index
         self.cfg = cfg
         self.train = train
+        """Whether this is a training split (the jobs then carry training crops and augmentation)."""
         self.dtype = dtype
         self.mean = torch.tensor(IMAGENET_MEAN) * 255
         self.std = torch.tensor(IMAGENET_STD) * 255

@@ -19,7 +19,7 @@ from typing import Any
 from configs.errors import ConfigError
 from configs.extras import require_extras
 from configs.loader import dump_config, load_config
-from configs.schema import DataConfig, ModelName, RunConfig
+from configs.schema import CompileMode, DataConfig, ModelName, RunConfig
 from launch.errors import PromotionRefused, describe_exit_statuses, exit_status_of
 
 DEFAULT_CONFIG = "quickstart"
@@ -246,7 +246,6 @@ def bench_gpu(args: argparse.Namespace) -> None:
     import torch
 
     from launch.bench.gpu import GpuBenchSettings, bench_gpu
-    from trainer.precision import CompileMode
 
     settings = GpuBenchSettings() if torch.cuda.is_available() else GpuBenchSettings.tiny()
     given = {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "images": args.images}

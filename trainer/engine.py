@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from configs.errors import IncompatibleSettings
-from configs.schema import DistributedConfig, PrecisionConfig, RunConfig
+from configs.schema import CompileMode, DistributedConfig, PrecisionConfig, RunConfig
 from data_pipeline import Loaders, build_loaders
 from trainer.cadence import Cadence
 from trainer.checkpoint import open_checkpoints
-from trainer.dist import DistContext
+from trainer.dist import DistContext, init_device
 from trainer.ema import Ema
 from trainer.init import apply_initial_state
 from trainer.lease import Claimant, hold_writer_lease
@@ -27,7 +27,7 @@ from trainer.metrics import MetricSink
 from trainer.mix import BatchMixer
 from trainer.models import build_model
 from trainer.optim import build_optimizer, peak_learning_rate
-from trainer.precision import CompileMode, resolve_compile, resolve_precision
+from trainer.precision import resolve_compile, resolve_precision
 from trainer.preempt import watch_for_preemption
 from trainer.state import Checkpointer
 from trainer.strategy import build_strategy
@@ -117,7 +117,7 @@ def apply_device_settings(device: torch.device, cfg: PrecisionConfig) -> None:
     then use), and set TF32 and cuDNN autotuning as configured. Nothing on CPUs."""
     if device.type != "cuda":
         return
-    torch.cuda.set_device(device)
+    init_device(device)  # a context built by a launcher other than trainer.dist's own (Ray's)
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark

@@ -166,12 +166,13 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
             with meter.waiting_for_data():
                 micro_batches = learner.next_micro_batches(batches)
             loss = learner.step(micro_batches, step=step)
-            meter.add_step(loss, images=micro_batches_images(micro_batches))
+            images = sum(labels.shape[0] for _, labels in micro_batches)
+            meter.add_step(loss, images=images)
             step += 1
             due = cadence.after(step)
             if step == start_step + 1 and not due.report:
                 # The first step compiles and warms up: timed apart, so that images/s is the steady state's.
-                meter.set_aside_first_step(images=micro_batches_images(micro_batches))
+                meter.set_aside_first_step(images=images)
             stop = False
             if due.report:
                 report = meter.report()
@@ -193,11 +194,6 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
                        train_time_s=meter.train_time_s, val=val,
                        stopped_at_target=cadence.reached_target(val) and step < cadence.total_steps,
                        time_to_accuracy=clock.reached)
-
-
-def micro_batches_images(micro_batches: list[Batch]) -> int:
-    """Images in one step's micro-batches on this rank."""
-    return sum(labels.shape[0] for _, labels in micro_batches)
 
 
 def progress(report: IntervalReport, *, step: int, lr: float, cadence: Cadence, meter: IntervalMeter,

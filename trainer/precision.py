@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from configs.schema import PrecisionConfig
+from configs.schema import CompileMode, PrecisionConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -59,9 +59,6 @@ def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return Precision(name=name, device=device)
-
-
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def resolve_compile(cfg: PrecisionConfig, device: torch.device, *, strategy: str) -> CompileMode | None:

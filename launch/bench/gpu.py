@@ -39,6 +39,7 @@ from configs.errors import ConfigError
 from configs.loader import load_config
 from configs.schema import DataConfig, RunConfig
 from launch.bench import spread, synchronize, trust_warning
+from launch.bench.step import ReportRecorder, bare_rounds
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,27 +238,25 @@ class GpuWatch:
         return statistics.mean(self.samples) if self.samples else None
 
 
-class TimedReports:
-    """A sink that keeps the engine's training reports and has `watch` sample between the first report (the
-    end of the warm-up interval) and the last timed one."""
+class TimedReports(ReportRecorder):
+    """A `ReportRecorder` that has `watch` sample between the first report (the end of the warm-up interval)
+    and the last timed one."""
 
     def __init__(self, watch: GpuWatch, rounds: int) -> None:
+        super().__init__()
         self.watch = watch
         self.rounds = rounds
-        self.reports: list[dict[str, float]] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Keep a training report; start or stop sampling at the timed interval's bounds."""
-        if "loss" not in metrics:
+        kept = len(self.reports)
+        super().log(metrics, step)
+        if len(self.reports) == kept:
             return
-        self.reports.append(metrics)
         if len(self.reports) == 1:
             self.watch.start()
         elif len(self.reports) == self.rounds + 1:
             self.watch.stop()
-
-    def on_checkpoint(self, step: int, url: str) -> None:
-        """Nothing: benchmarks write no checkpoints."""
 
 
 def run_config(settings: GpuBenchSettings, *overrides: str) -> RunConfig:
@@ -383,7 +382,6 @@ def bench_gpu(out: Path, settings: GpuBenchSettings | None = None, *,
               log: Callable[[str], None] = print) -> GpuBench:
     """Measure every row on this process's device (its first GPU, else the CPU with `GpuBenchSettings.tiny`);
     rewrite bench_gpu.json and bench_gpu.md in `out` after each row."""
-    from launch.bench.step import bare_rounds
     from trainer.dist import single_process_context
 
     device = single_process_context().device  # initialises CUDA before anything asks it (or NVML) about the GPU
