@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from configs.errors import UserError
+from trainer.checkpoint import CheckpointUnreadable
 from trainer.meter import TrainingDiverged
 from trainer.preempt import Preempted
 
@@ -43,6 +44,9 @@ class ExitStatus:
 
 EXIT_STATUSES = (
     ExitStatus(UserError, 2, "error", "bad input: a config key or value, a data set, a path, a missing extra"),
+    # EX_IOERR: the storage failed after retries; nothing was moved, so running again continues the run.
+    ExitStatus(CheckpointUnreadable, 74, "storage error",
+               "the checkpoint storage kept failing to read (after retries); every step is where it was"),
     ExitStatus(FileNotFoundError, 2, "error", "a file or run that does not exist"),
     ExitStatus(FileExistsError, 2, "error", "a run folder or checkpoint that exists already"),
     ExitStatus(TrainingDiverged, 3, "training stopped", "training diverged (non-finite losses)"),
@@ -59,11 +63,6 @@ EXIT_STATUSES = (
 def exit_status_of(error: BaseException) -> ExitStatus | None:
     """The row for `error`, or None for an error that is a bug (it propagates with its traceback)."""
     return next((row for row in EXIT_STATUSES if isinstance(error, row.error)), None)
-
-
-def exit_status(error: type[BaseException]) -> int:
-    """The exit status of the exception kind `error`."""
-    return next(row.status for row in EXIT_STATUSES if issubclass(error, row.error))
 
 
 def describe_exit_statuses() -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,32 @@ def open_checkpoints(url: str, *, keep_last: int = 1) -> CheckpointManager:
 
 class CheckpointCorrupt(UserError):
     """A committed step has a file that fails its check; the message names the file and the reason."""
+
+
+class CheckpointUnreadable(OSError):
+    """The storage kept failing to read a checkpoint file (an outage, not damage): nothing was moved."""
+
+
+READ_RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+"""Pauses between the tries of a checkpoint read that fails with a storage error (OSError: a reset
+connection, a timeout, a file system that went away); after the last, `CheckpointUnreadable`."""
+
+
+def read_with_retries(read: Callable[[], bytes], what: str) -> bytes:
+    """`read()`, tried again after each of `READ_RETRY_DELAYS_S` while it raises OSError; then
+    `CheckpointUnreadable` naming `what` and the last error."""
+    for delay in READ_RETRY_DELAYS_S:
+        try:
+            return read()
+        except OSError as error:
+            print(f"{what}: {type(error).__name__}: {error}; reading again in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+    try:
+        return read()
+    except OSError as error:
+        raise CheckpointUnreadable(
+            f"{what}: the storage failed {len(READ_RETRY_DELAYS_S) + 1} reads in a row ({type(error).__name__}: "
+            f"{error}); every checkpoint is where it was: run again once the storage answers") from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +168,9 @@ class CheckpointManager:
 
     def read(self, step: int, name: str, *, expected: FileRecord | None = None) -> bytes:
         """One data file of a committed step; with `expected` (its manifest record) checked against its size
-        and hash (`CheckpointCorrupt` names the file)."""
-        data = self.storage.read_bytes(f"{step_folder(step)}/{name}")
+        and hash (`CheckpointCorrupt` names the file). A storage error is retried (`read_with_retries`)."""
+        path = f"{step_folder(step)}/{name}"
+        data = read_with_retries(lambda: self.storage.read_bytes(path), f"{self.url(step)}/{name}")
         if expected is not None:
             if len(data) != expected.size:
                 raise CheckpointCorrupt(f"{self.url(step)}/{name}: {len(data)} bytes, the manifest says "

@@ -22,7 +22,7 @@ import torch
 from configs.errors import IncompatibleSettings
 from configs.loader import config_to_dict
 from configs.schema import RunConfig
-from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, Manifest
+from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, CheckpointUnreadable, Manifest
 from trainer.dist import DistContext, all_reduce_max, barrier, gather_objects
 from trainer.ema import Ema
 from trainer.lease import WriterLease, check_writer_lease
@@ -115,16 +115,18 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: E
 
 def verify_step(manager: CheckpointManager, manifest: Manifest,
                 strategy: Strategy) -> tuple[str | None, dict[str, bytes]]:
-    """Read every file of committed step `manifest` and check it: why the step cannot be loaded (a file whose
+    """Read every file of committed step `manifest` and check it: why the step is damaged (a file whose
     size or hash differs from the manifest, or that holds more than weights and plain data), or None when
-    every file checks out; and the files read, for `load_state` (so a resume reads each file once)."""
+    every file checks out; and the files read, for `load_state` (so a resume reads each file once). A storage
+    error is not damage: the read is retried and then raises `CheckpointUnreadable`."""
     files: dict[str, bytes] = {}
     for name in manifest.files:
         try:
             files[name] = manager.read_verified(manifest, name)
-            strategy.check_file(name, files[name])
         except CheckpointCorrupt as error:
             return str(error), {}
+        try:
+            strategy.check_file(name, files[name])
         except Exception as error:  # the unpickler raises several types; all mean "not plain weights"
             reason = _unpickler_reason(error)
             return f"{manager.url(manifest.step)}/{name}: does not load as weights only ({reason})", {}
@@ -211,8 +213,10 @@ class Checkpointer:
     def resume(self) -> Resumed:
         """Load the newest good committed step if there is one (refusing one that does not fit this run);
         return the step to continue from (0 for a fresh run) and what was saved with it. A step
-        whose files fail their check (hash, weights-only load) is reported and the one before it is tried;
-        all ranks agree on the step. None loading at all is an error: nothing is overwritten then."""
+        whose files fail their check (hash, weights-only load) is reported, moved aside and the one before it
+        is tried; all ranks agree on the step. None loading at all is an error: nothing is overwritten then.
+        A storage that keeps failing (`CheckpointUnreadable`, after retries) ends the start on every rank
+        and moves nothing: a good step is never mistaken for a damaged one because the storage was down."""
         if self.manager is None:
             return Resumed()
         committed = self.manager.committed()
@@ -220,9 +224,19 @@ class Checkpointer:
         for manifest in reversed(committed):
             check_compatible(manifest, self.manager.url(manifest.step), self.cfg,
                              global_batch_size=self.global_batch_size)
-            problem, files = verify_step(self.manager, manifest, self.strategy)
-            failed = torch.tensor(float(problem is not None), device=self.ctx.device)
-            if not all_reduce_max(failed).item():
+            unreadable: CheckpointUnreadable | None = None
+            try:
+                problem, files = verify_step(self.manager, manifest, self.strategy)
+            except CheckpointUnreadable as error:
+                unreadable, problem, files = error, None, {}
+            # 0: the step loads; 1: it is damaged (on some rank); 2: the storage failed (on some rank).
+            outcome = 2.0 if unreadable is not None else float(problem is not None)
+            outcome = all_reduce_max(torch.tensor(outcome, device=self.ctx.device)).item()
+            if outcome == 2:
+                raise unreadable or CheckpointUnreadable(
+                    f"{self.manager.url(manifest.step)}: another rank's storage failed to read it (see its error); "
+                    "every checkpoint is where it was")
+            if outcome == 0:
                 load_state(self.manager, manifest, self.strategy, self.ema, self.ctx, files=files)
                 return Resumed(step=manifest.step, meta=manifest.meta)
             problem = problem or "another rank found a file of this step damaged"

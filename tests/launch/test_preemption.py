@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.errors import exit_status
+from launch.errors import exit_status_of
 from trainer.preempt import Preempted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def test_sigterm_checkpoints_exits_75_and_the_run_resumes(digits_root: Path, tmp
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == exit_status(Preempted) == 75, stderr
+    assert process.returncode == exit_status_of(Preempted()).status == 75, stderr
     # Stopped at the next report after the signal: step 10 (or later if the signal landed late).
     checkpoints = tmp_path / "first" / "checkpoints"
     committed = sorted(p.name for p in checkpoints.iterdir() if (p / "manifest.json").exists())

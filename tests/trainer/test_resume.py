@@ -14,10 +14,12 @@ import torchvision
 
 import data_pipeline.sharding
 import trainer
+import trainer.checkpoint
 import trainer.state
 from configs import IncompatibleSettings, RunConfig, load_config
 from tests.multiproc import CrashAt, Interrupt
-from trainer.checkpoint import CheckpointCorrupt, FileRecord, open_checkpoints, step_folder
+from data_pipeline.storage import FsspecStorage
+from trainer.checkpoint import CheckpointCorrupt, CheckpointUnreadable, FileRecord, open_checkpoints, step_folder
 from trainer.dist import single_process_context
 from trainer.state import from_bytes, load_state
 
@@ -236,6 +238,40 @@ def test_when_no_committed_step_loads_the_run_stops_and_names_them(
     # Nothing was deleted or overwritten: both steps are kept aside for a person to look at.
     assert open_checkpoints(str(copy)).committed() == []
     assert len(list(copy.glob("step_*.damaged-*/train_state.pt"))) == 2
+
+
+@pytest.mark.parametrize("failing_reads", [2, "all"])
+def test_a_storage_error_is_retried_and_never_taken_for_damage(
+        digits_root: Path, finished: tuple[Path, trainer.TrainResult], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failing_reads: int | str) -> None:
+    """A storage that fails reads of the newest step's files (an S3 or NFS outage): a passing error resumes
+    from that step; one that lasts ends the start with the storage error, and every step stays where it was."""
+    copy = damaged_copy(finished[0], tmp_path)
+    monkeypatch.setattr(trainer.checkpoint, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    failed: list[str] = []
+    read_bytes = FsspecStorage.read_bytes
+
+    def flaky(storage: FsspecStorage, path: str) -> bytes:
+        if path.startswith(step_folder(22)) and not path.endswith("manifest.json") and (
+                failing_reads == "all" or len(failed) < failing_reads):
+            failed.append(path)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return read_bytes(storage, path)
+
+    monkeypatch.setattr(FsspecStorage, "read_bytes", flaky)
+    cfg = config(digits_root, copy, "schedule.epochs=1")
+    if failing_reads == "all":
+        with pytest.raises(CheckpointUnreadable, match=rf"{copy / step_folder(22)}/\w+\.pt: the storage failed 4 "
+                                                       r"reads in a row \(ConnectionResetError"):
+            trainer.run(cfg, single_process_context(), [])
+        assert len(failed) == 4  # the fault happened, and was retried
+    else:
+        result = trainer.run(cfg, single_process_context(), [])
+        assert len(failed) == 2 and "reading again in 0 s" in capsys.readouterr().out
+        assert result.start_step == 22
+    # Nothing was taken for damage: no step moved aside, both still committed.
+    assert list(copy.glob("*.damaged-*")) == []
+    assert [m.step for m in open_checkpoints(str(copy)).committed()] == [14, 22]
 
 
 # Epoch 0 at 8 px, epoch 1 at 12: the crash (step 30) and the resume (from step 28) fall after the change.
