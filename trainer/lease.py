@@ -13,11 +13,16 @@ What is guaranteed, on storage where a finished write shows in the next listing 
 systems, S3, GCS, Azure Blob): no two claims both succeed. Each claimant writes its record, then lists the
 records, and goes on only if its own is the one there: of two claims made at once, the later writer sees
 the earlier record. (Both may see each other and withdraw; each then tries again after a random pause.)
-No rename and no lock are needed: a record is created once, then rewritten only by its owner. A holder checks
-before each commit that its record is still there, so a run that was taken over (it stopped renewing for
-`timeout_s`: a hung process, a partition) stops at its next checkpoint without committing it. Not
-guaranteed: such a run may have written data files of that step (never committed, pruned later); heartbeat
-ages compare the clocks of two hosts, which must agree to well within `timeout_s`.
+No rename and no lock are needed: a record is created once, then rewritten only by its owner. Record names
+begin with the claim's time, so a later claim sorts after an earlier one. A holder checks, before it writes
+a step's files and again immediately before it commits the step, that its record is still there and no
+later claim's is, so a run that was taken over (it stopped renewing for `timeout_s`: a hung process, a
+partition) stops at its next checkpoint without committing it. A renewal lists the records after each
+write: one that stalled through a takeover and put the old record back finds the new holder's, removes its
+own and gives up the lease. Not guaranteed: a takeover between that last check and the manifest's write
+(no object store offers a conditional write to close it); a taken-over run may have written data files of
+that step (never committed, pruned later); heartbeat ages compare the clocks of two hosts, which must agree
+to well within `timeout_s`.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class WriterLease:
 
     def __init__(self, storage: Storage, name: str, record: dict[str, Any], *, timeout_s: float) -> None:
         self.storage = storage
+        self.name = name
         self.path = f"{FOLDER}/{name}"
         self.record = record
         self.timeout_s = timeout_s
@@ -111,12 +117,19 @@ class WriterLease:
         self._thread.start()
 
     def check(self) -> None:
-        """Raise `CheckpointInUse` if the lease was taken over (call before committing a step)."""
-        if self.lost or self.storage.size(self.path) is None:
+        """Raise `CheckpointInUse` if the lease was taken over: its record is gone, or a claim made after it is
+        there (call immediately before committing a step)."""
+        if self.lost or self._overtaken():
             self.lost = True
             holders = [describe(record, now=time.time()) for _, record in _records(self.storage)]
             raise CheckpointInUse(f"{self.storage.url}: this run's claim was taken over (it renewed nothing for "
                                   f"{self.timeout_s:.0f} s); held now by {', '.join(holders) or 'nobody'}")
+
+    def _overtaken(self) -> bool:
+        """Whether this claim's record is gone or a later claim's record is there. (A record older than this
+        claim is a taken-over holder's renewal that landed late; that holder sees this one and withdraws.)"""
+        names = [name for name, _ in _records(self.storage)]
+        return self.name not in names or any(name > self.name for name in names)
 
     def release(self) -> None:
         """Stop renewing and remove the record (a finished or failed run; a killed one leaves it to expire)."""
@@ -133,6 +146,12 @@ class WriterLease:
                     return
                 self.record["heartbeat"] = time.time()
                 self.storage.write_bytes(self.path, json.dumps(self.record).encode())
+                # A write that stalled through a takeover has just put this record back beside the new
+                # holder's: listing after the write sees that, and takes the record away again.
+                if self._overtaken():
+                    self.lost = True
+                    self.storage.remove(self.path)
+                    return
             except OSError:
                 pass  # storage briefly unreachable: the next renewal tries again
 

@@ -92,10 +92,10 @@ def checkpoint_meta(cfg: RunConfig, *, step: int, steps_per_epoch: int, global_b
 
 
 def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: Ema | None, ctx: DistContext, *,
-               meta: dict[str, Any]) -> None:
+               meta: dict[str, Any], lease: WriterLease | None = None) -> None:
     """Write checkpoint `step` from every rank and commit it: rank 0 writes the model and EMA (identical on
     every rank), each rank its own generator states and its share of the strategy's files; rank 0 commits
-    once all have written."""
+    once all have written, if the primary still holds `lease` (checked on every rank, so all stop together)."""
     if ema is not None:
         ema.sync_buffers()
     strategy.sync_buffers()  # the saved BatchNorm statistics are the ones every rank evaluates with
@@ -108,6 +108,7 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: E
     # Every rank's report reaches rank 0 once all have written: the manifest lists what was written, not
     # what a listing of the folder shows (stale on some shared file systems).
     reports = gather_objects(written)
+    check_writer_lease(lease, ctx)  # taken over while the files were written: the step is never committed
     if ctx.is_primary:
         manager.commit(step, meta, {name: record for report in reports for name, record in report.items()})
     barrier()
@@ -264,7 +265,7 @@ class Checkpointer:
         meta["classes"] = list(self.classes)
         if self.extra_meta is not None:
             meta.update(self.extra_meta())
-        save_state(self.manager, step, self.strategy, self.ema, self.ctx, meta=meta)
+        save_state(self.manager, step, self.strategy, self.ema, self.ctx, meta=meta, lease=self.lease)
         for sink in self.sinks:
             sink.on_checkpoint(step, self.manager.url(step))
 

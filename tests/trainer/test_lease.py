@@ -1,6 +1,7 @@
 """One writer per checkpoint URL: a second launch is refused with the holder named, a restart of the same
 launch and a holder that is gone (dead process, silent heartbeat) are taken over, claims made at once leave
-at most one holder, and a holder that was taken over stops before it writes. On a local folder and on
+at most one holder, a renewal that lands after a takeover gives the lease up, and a holder that was taken
+over stops before it writes, or before it commits a step whose files it was writing. On a local folder and on
 fsspec's memory:// store (an object store: no rename, no locks)."""
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from data_pipeline.storage import Storage, open_storage
+import trainer
+from configs import load_config
+from data_pipeline.storage import FsspecStorage, Storage, open_storage
+from trainer.checkpoint import open_checkpoints, step_folder
 from trainer.dist import single_process_context
 from trainer.lease import FOLDER, CheckpointInUse, Claimant, check_writer_lease, claim_writer
 
@@ -94,15 +99,39 @@ def test_claims_made_at_once_never_leave_two_holders(storage: Storage) -> None:
     assert held > 0  # the race was won at least sometimes: the test did not pass by refusing everything
 
 
+class OverlappingWrites:
+    """A storage on which the first record write of each of `parties` threads starts when all have listed
+    the records and returns when all have written: every claim sees the others (the race at its tightest)."""
+
+    def __init__(self, storage: Storage, parties: int) -> None:
+        self.storage = storage
+        self.url = storage.url
+        self.barrier = threading.Barrier(parties)
+        self.waited: set[int] = set()
+        self.overlaps = 0
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        first = path.startswith(FOLDER) and threading.get_ident() not in self.waited
+        if first:  # every claim has listed an empty folder ...
+            self.waited.add(threading.get_ident())
+            self.barrier.wait(timeout=30)
+        self.storage.write_bytes(path, data)
+        if first and self.barrier.wait(timeout=30) == 0:  # ... and has written its record
+            self.overlaps += 1
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.storage, name)
+
+
 def claim_at_once(storage: Storage, launches: list[str]) -> list[str]:
-    """Claim `storage` from one thread per launch, released together; "held" or "refused" for each."""
-    start = threading.Barrier(len(launches))
+    """Claim `storage` from one thread per launch, their first records all written before any lists them;
+    "held" or "refused" for each."""
+    overlapping = OverlappingWrites(storage, len(launches))
     outcomes: list[str] = []
 
     def claim(launch: str) -> None:
-        start.wait()
         try:
-            claim_writer(storage, Claimant(run=launch, launch=launch), timeout_s=60)
+            claim_writer(cast(Storage, overlapping), Claimant(run=launch, launch=launch), timeout_s=60)
             outcomes.append("held")
         except CheckpointInUse:
             outcomes.append("refused")
@@ -112,6 +141,7 @@ def claim_at_once(storage: Storage, launches: list[str]) -> list[str]:
         thread.start()
     for thread in threads:
         thread.join()
+    assert overlapping.overlaps == 1  # the four first records were all there at one moment
     return outcomes
 
 
@@ -125,3 +155,103 @@ def test_a_holder_that_was_taken_over_stops_before_writing(storage: Storage) -> 
         check_writer_lease(lease, single_process_context())
     lease.release()
     assert [r["run"] for r in records(storage)] == ["fast"]  # the old holder removed nothing of the new one's
+
+
+class StalledRecordWrites:
+    """A storage on which writes of one path block, once armed, until released (a renewal stuck in a slow
+    PUT); it lists the records the moment the stalled write lands."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.url = storage.url
+        self.stalled_path: str | None = None
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.listed_on_landing: list[str] = []
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        stall = path == self.stalled_path
+        if stall:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        self.storage.write_bytes(path, data)
+        if stall:
+            self.stalled_path = None
+            self.listed_on_landing = self.storage.list(FOLDER)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.storage, name)
+
+
+def test_a_renewal_that_lands_after_a_takeover_gives_the_lease_up(storage: Storage) -> None:
+    stalling = StalledRecordWrites(storage)
+    old = claim_writer(cast(Storage, stalling), Claimant(run="old", launch="o" * 32), timeout_s=1)
+    stalling.stalled_path = old.path
+    assert stalling.entered.wait(timeout=10)  # the old holder's renewal is stuck in its write
+    time.sleep(1.2)  # ... past the timeout: its heartbeat is stale
+    new = claim_writer(storage, Claimant(run="new", launch="n" * 32), timeout_s=1)
+    stalling.release.set()
+    old._thread.join(timeout=10)
+    # The stalled write put the old record back beside the new holder's (the fault happened) ...
+    assert sorted(stalling.listed_on_landing) == sorted([old.name, new.name])
+    # ... and the old holder, listing after its write, gave the lease up and took its record away.
+    assert old.lost and not old._thread.is_alive()
+    with pytest.raises(CheckpointInUse, match="held now by run 'new'"):
+        check_writer_lease(old, single_process_context())
+    check_writer_lease(new, single_process_context())
+    assert [r["run"] for r in records(storage)] == ["new"]
+    new.release()
+    old.release()
+
+
+def take_over(storage: Storage) -> None:
+    """What a run that found the holder silent does: remove its record and claim the URL."""
+    for name in storage.list(FOLDER):
+        storage.remove(f"{FOLDER}/{name}")
+    claim_writer(storage, Claimant(run="usurper", launch="u" * 32), timeout_s=60)
+
+
+class TakeOverAt:
+    """A sink that takes the run's checkpoint URL over when the training report of `step` arrives."""
+
+    def __init__(self, url: str, step: int) -> None:
+        self.url, self.step = url, step
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step == self.step and "loss" in metrics:
+            take_over(open_storage(self.url))
+
+    def on_checkpoint(self, step: int, url: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("when", ["before the step's files", "while they are written", "never (negative control)"])
+def test_a_trainer_that_was_taken_over_raises_at_its_next_save_and_commits_nothing(
+        digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    url = str(tmp_path / "checkpoints")
+    # 22 steps per epoch; reports every 5 steps, checkpoints every 10.
+    cfg = load_config("quickstart", [f"data.root={digits_root}", "data.dataset=folder", "data.image_size=8",
+                                     "data.batch_size=64", "data.num_workers=0", "schedule.epochs=1",
+                                     "tracking.log_interval_steps=5", f"checkpoint.url={url}",
+                                     "checkpoint.interval_steps=10", "checkpoint.keep_last=5"])
+    sinks = [TakeOverAt(url, 15)] if when.startswith("before") else []
+    if when.startswith("while"):
+        write_bytes = FsspecStorage.write_bytes
+
+        def write_then_lose(storage: FsspecStorage, path: str, data: bytes) -> None:
+            write_bytes(storage, path, data)
+            if path == f"{step_folder(20)}/model.pt":
+                take_over(open_storage(url))
+
+        monkeypatch.setattr(FsspecStorage, "write_bytes", write_then_lose)
+    claimant = Claimant(run="trainer", launch="t" * 32)
+    if when.startswith("never"):
+        assert trainer.run(cfg, single_process_context(), sinks, claimant=claimant).steps == 22
+        assert [m.step for m in open_checkpoints(url).committed()] == [10, 20, 22]
+        return
+    with pytest.raises(CheckpointInUse, match="this run's claim was taken over .* held now by run 'usurper'"):
+        trainer.run(cfg, single_process_context(), sinks, claimant=claimant)
+    assert [m.step for m in open_checkpoints(url).committed()] == [10]  # step 20 was never committed
+    # Taken over before the save: not even its files were written; during: they were, but no manifest.
+    written = sorted(p.name for p in (tmp_path / "checkpoints" / step_folder(20)).glob("*"))
+    assert written == ([] if when.startswith("before") else ["model.pt", "rank_0.pt", "train_state.pt"])
+    assert [r["run"] for r in records(open_storage(url))] == ["usurper"]  # the usurper's record was left alone
