@@ -68,7 +68,8 @@ def _parse(line: str) -> dict[str, float] | None:
 
 
 def read_reports(path: Path) -> list[dict[str, float]]:
-    """Every report in the metrics.jsonl at `path`, in order (none if it does not exist; torn lines skipped)."""
+    """Every record (a JSON object with a "step") of the JSON-lines file at `path`, such as metrics.jsonl, in
+    order (none if it does not exist; torn lines skipped)."""
     if not path.is_file():
         return []
     return [record for line in path.read_text().splitlines() if (record := _parse(line)) is not None]

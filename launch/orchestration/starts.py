@@ -7,6 +7,7 @@ previous attempt had trained past its last committed checkpoint, as far as its r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -32,15 +33,9 @@ class Start:
     """The highest step the attempts before had reported (None: the first start)."""
     previous_world_size: int | None
     """The world size of the start before (None: the first start)."""
-
-    @property
-    def cause(self) -> str | None:
-        """What changed the size, or None when it did not change."""
-        if self.previous_world_size is None or self.previous_world_size == self.world_size:
-            return None
-        if self.world_size < self.previous_world_size:
-            return "shrank: fewer workers could be had after the last attempt ended"
-        return "grew: more workers could be had"
+    cause: str | None
+    """What changed the size (`resize_cause`), or None when it did not change; decided when the start is
+    recorded."""
 
     @property
     def redone(self) -> int:
@@ -59,28 +54,37 @@ class Start:
         return line
 
 
+def resize_cause(previous_world_size: int | None, world_size: int) -> str | None:
+    """Why a start's world size differs from the one before, or None when it does not."""
+    if previous_world_size is None or previous_world_size == world_size:
+        return None
+    if world_size < previous_world_size:
+        return "shrank: fewer workers could be had after the last attempt ended"
+    return "grew: more workers could be had"
+
+
 def record_start(run_dir: Path, *, step: int, world_size: int) -> Start:
     """Append this start to starts.jsonl (call before metrics.jsonl is cut back to `step`) and return it."""
     previous = read_starts(run_dir)
     reached = None
     if previous:
         reached = int(max([0, *(record["step"] for record in read_reports(run_dir / METRICS_FILE))]))
+    previous_world_size = previous[-1].world_size if previous else None
     start = Start(time=time.time(), step=step, world_size=world_size, reached=reached,
-                  previous_world_size=previous[-1].world_size if previous else None)
-    with (run_dir / STARTS_FILE).open("a") as file:
-        file.write(json.dumps({"time": start.time, "step": step, "world_size": world_size, "reached": reached,
-                               "previous_world_size": start.previous_world_size, "cause": start.cause}) + "\n")
+                  previous_world_size=previous_world_size, cause=resize_cause(previous_world_size, world_size))
+    path = run_dir / STARTS_FILE
+    # A line torn by a node lost mid-append stays torn; this one starts on a line of its own.
+    torn = path.is_file() and not path.read_bytes().endswith(b"\n") and path.stat().st_size > 0
+    with path.open("a") as file:
+        file.write(("\n" if torn else "") + json.dumps(dataclasses.asdict(start)) + "\n")
     return start
 
 
 def read_starts(run_dir: Path) -> list[Start]:
-    """The run's starts, oldest first."""
-    path = run_dir / STARTS_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Start(time=r["time"], step=r["step"], world_size=r["world_size"], reached=r["reached"],
-                  previous_world_size=r["previous_world_size"]) for r in records]
+    """The run's starts, oldest first (a torn line, a node lost mid-write, is skipped)."""
+    fields = [f.name for f in dataclasses.fields(Start)]
+    return [Start(**{name: record[name] for name in fields}) for record in read_reports(run_dir / STARTS_FILE)
+            if all(name in record for name in fields)]
 
 
 def start_counts(run_dir: Path) -> dict[str, int]:

@@ -57,3 +57,16 @@ def test_a_ray_job_refuses_relative_outputs_that_would_land_in_its_temporary_cop
     # A job submitted without a working directory runs where its entrypoint says: nothing to refuse.
     monkeypatch.setenv(RAY_JOB_ENV, json.dumps({"runtime_env": {}, "metadata": {}}))
     check_outputs_outlive_a_ray_job(relative)
+
+
+def test_a_torn_last_start_line_is_skipped_and_later_starts_still_record(tmp_path: Path) -> None:
+    record_start(tmp_path, step=0, world_size=2)
+    record_start(tmp_path, step=10, world_size=1)
+    starts_file = tmp_path / "starts.jsonl"
+    starts_file.write_text(starts_file.read_text()[:-25])  # the node was lost while it appended the second
+    assert [s.world_size for s in read_starts(tmp_path)] == [2]
+    again = record_start(tmp_path, step=10, world_size=1)
+    assert again.cause == "shrank: fewer workers could be had after the last attempt ended"
+    assert [(s.step, s.world_size, s.cause) for s in read_starts(tmp_path)] == [(0, 2, None), (10, 1, again.cause)]
+    # The cause is what was written, not recomputed on reading.
+    assert json.loads(starts_file.read_text().splitlines()[-1])["cause"] == again.cause
