@@ -31,29 +31,55 @@ from trainer.serialize import from_bytes, to_bytes
 from trainer.strategy import Strategy
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's generator states (torch CPU and CUDA, numpy, python) as weights-only-loadable data."""
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's generator states (torch CPU, the CUDA generator of its own `device` when that is a GPU,
+    numpy, python) as weights-only-loadable data."""
     _, keys, pos, has_gauss, cached_gaussian = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, python_state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(cached_gaussian)},
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
     }
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back what `capture_rng` took."""
+def restore_rng(state: dict[str, Any], device: torch.device, *, source: str) -> None:
+    """Put back what `capture_rng` took (read from `source`, named in errors) on this process's `device`."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if (cuda := cuda_state_for(state["cuda"], device, source=source)) is not None:
+        torch.cuda.set_rng_state(cuda, device)
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+
+
+def cuda_state_for(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device, *,
+                   source: str) -> torch.Tensor | None:
+    """The CUDA generator state to restore on `device` from what a rank saved: its own GPU's state (None:
+    it trained on a CPU, nothing to restore). Checkpoints written before this rule saved a list, the state
+    of every GPU the process saw, indexed by device; the one of `device` is taken from it. A state that has
+    no GPU to go to here is refused: the resume would not be exact."""
+    index = device.index or 0
+    if isinstance(saved, list):
+        if not saved:
+            return None
+        if device.type == "cuda" and index < len(saved):
+            return saved[index]
+        raise IncompatibleSettings(
+            f"{source} holds the CUDA generator states of {len(saved)} GPUs, and this rank trains on {device}: "
+            "it cannot continue that rank's random draws exactly. Resume where each process sees as many GPUs "
+            "as the run that wrote it, or at another world size (generator states are then not restored)")
+    if saved is None:
+        return None
+    if device.type != "cuda":
+        raise IncompatibleSettings(
+            f"{source} holds the CUDA generator state of a rank that trained on a GPU, and this rank trains on "
+            f"{device}: resume it on GPUs, or at another world size (generator states are then not restored)")
+    return saved
 
 
 def architecture(cfg: RunConfig) -> dict[str, Any]:
@@ -99,7 +125,7 @@ def save_state(manager: CheckpointManager, step: int, strategy: Strategy, ema: E
     if ema is not None:
         ema.sync_buffers()
     strategy.sync_buffers()  # the saved BatchNorm statistics are the ones every rank evaluates with
-    files = {f"rank_{ctx.rank}.pt": to_bytes({"rng": capture_rng()}), **strategy.save_files()}
+    files = {f"rank_{ctx.rank}.pt": to_bytes({"rng": capture_rng(ctx.device)}), **strategy.save_files()}
     if ctx.is_primary:
         files["model.pt"] = to_bytes(strategy.unwrapped().state_dict())
         if ema is not None:
@@ -160,7 +186,8 @@ def load_state(manager: CheckpointManager, manifest: Manifest, strategy: Strateg
             # Turning the average on for a run that had it off: start it from the current weights.
             ema.reset(strategy.unwrapped())
     if manifest.meta["world_size"] == ctx.world_size:
-        restore_rng(from_bytes(read(f"rank_{ctx.rank}.pt"))["rng"])
+        rank_file = f"rank_{ctx.rank}.pt"
+        restore_rng(from_bytes(read(rank_file))["rng"], ctx.device, source=f"{manager.url(step)}/{rank_file}")
     elif ctx.is_primary:
         # Data order and augmentation depend only on (seed, epoch, step), so the run stays exact for the
         # training itself; only generators that other code may draw from start afresh.

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from launch.orchestration.rundir import METRICS_FILE
 from trainer.metrics import read_reports
@@ -83,7 +84,8 @@ def record_start(run_dir: Path, *, step: int, world_size: int) -> Start:
 def read_starts(run_dir: Path) -> list[Start]:
     """The run's starts, oldest first (a torn line, a node lost mid-write, is skipped)."""
     fields = [f.name for f in dataclasses.fields(Start)]
-    return [Start(**{name: record[name] for name in fields}) for record in read_reports(run_dir / STARTS_FILE)
+    records = cast(list[dict[str, Any]], read_reports(run_dir / STARTS_FILE))
+    return [Start(**{name: record[name] for name in fields}) for record in records
             if all(name in record for name in fields)]
 
 

@@ -21,7 +21,7 @@ from tests.multiproc import CrashAt, Interrupt
 from data_pipeline.storage import FsspecStorage
 from trainer.checkpoint import CheckpointCorrupt, CheckpointUnreadable, FileRecord, open_checkpoints, step_folder
 from trainer.dist import single_process_context
-from trainer.state import from_bytes, load_state
+from trainer.state import cuda_state_for, from_bytes, load_state
 
 
 def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
@@ -172,7 +172,7 @@ def test_every_generator_continues_where_the_checkpoint_left_it(digits_root: Pat
     whole = DrawAtReports()
     trainer.run(config(digits_root, tmp_path / "whole"), single_process_context(), [whole])
     if not restore:
-        monkeypatch.setattr(trainer.state, "restore_rng", lambda state: None)
+        monkeypatch.setattr(trainer.state, "restore_rng", lambda state, device, source: None)
     with pytest.raises(Interrupt):
         trainer.run(config(digits_root, tmp_path / "resumed"), single_process_context(), [DrawAtReports(),
                                                                                           CrashAt(30)])
@@ -181,6 +181,22 @@ def test_every_generator_continues_where_the_checkpoint_left_it(digits_root: Pat
     after_resume = {step: draws for step, draws in whole.draws.items() if step > 28}
     assert set(resumed.draws) == set(after_resume) == {30, 40, 42, 44}
     assert (resumed.draws == after_resume) is restore
+
+
+def test_a_gpu_generator_state_goes_back_to_the_ranks_own_device_whatever_the_process_sees() -> None:
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    # Saved now: the rank's own GPU only, so a process that sees 4 GPUs (2 x 4 instead of 8 per node) takes it.
+    assert cuda_state_for(states[6], torch.device("cuda", 2), source="rank_6.pt") is states[6]
+    assert cuda_state_for(None, torch.device("cuda", 2), source="rank_6.pt") is None  # written on a CPU
+    # Saved by earlier versions: every visible GPU's state; the device's own is taken when it is there.
+    assert cuda_state_for(states, torch.device("cuda", 5), source="rank_5.pt") is states[5]
+    with pytest.raises(IncompatibleSettings, match=r"rank_5.pt holds the CUDA generator states of 4 GPUs, and this "
+                                                   r"rank trains on cuda:5"):
+        cuda_state_for(states[:4], torch.device("cuda", 5), source="rank_5.pt")
+    with pytest.raises(IncompatibleSettings, match=r"rank_0.pt holds the CUDA generator state of a rank that "
+                                                   r"trained on a GPU, and this rank trains on cpu"):
+        cuda_state_for(states[0], torch.device("cpu"), source="rank_0.pt")
+    assert cuda_state_for([], torch.device("cpu"), source="rank_0.pt") is None
 
 
 def damaged_copy(finished: Path, tmp_path: Path) -> Path:
