@@ -116,10 +116,9 @@ def bench_step(args: argparse.Namespace) -> None:
                   "recipe as it is); default: the quickstart's, with and without progressive resizing"),
          JSON_ARGUMENT)
 def bench_accuracy(args: argparse.Namespace) -> None:
-    import torch
-
     from launch.bench.accuracy import QUICKSTART_VARIANTS, as_json, bench_accuracy, table
     from launch.bench.gpu import machine_facts
+    from trainer.dist import single_process_context
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target={args.target} must be in (0, 1]")
@@ -132,7 +131,7 @@ def bench_accuracy(args: argparse.Namespace) -> None:
                 raise ConfigError(f"--variant {given!r}: expected NAME=OVERRIDE[,OVERRIDE...]")
             variants[name] = tuple(change for change in changes.split(",") if change)
     rows = bench_accuracy(args.config, args.overrides, target=args.target, variants=variants)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = single_process_context().device
     print(as_json(rows) if args.json else table(rows, config=args.config, machine=machine_facts(device)["device"]))
 
 
@@ -277,11 +276,12 @@ TRACKING_URI_ARGUMENT = arg("--tracking-uri", default=None,
          TRACKING_URI_ARGUMENT, JSON_ARGUMENT)
 def evaluate(args: argparse.Namespace) -> None:
     from launch.tracking.artifacts import evaluate_trained
+    from trainer.dist import single_process_context
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
     trained = _load_trained(args.source, args.tracking_uri)
-    scores = evaluate_trained(trained, data_root=args.data,
+    scores = evaluate_trained(trained, device=single_process_context().device, data_root=args.data,
                               overrides={"batch_size": args.batch_size} if args.batch_size else None)
     if args.json:
         print(json.dumps({"source": trained.source, **scores}))
@@ -361,6 +361,7 @@ def predict(args: argparse.Namespace) -> None:
 def promote(args: argparse.Namespace) -> None:
     from launch.tracking.registry import promote
     from launch.tracking.store import command_tracking_uri, limit_http_calls
+    from trainer.dist import single_process_context
 
     uri = command_tracking_uri(args.tracking_uri)
     limit_http_calls(timeout_s=10, max_retries=1)  # a dead server: an error in seconds
@@ -368,7 +369,8 @@ def promote(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-regression={args.max_regression} must be >= 0")
     decision = promote(uri, args.name, args.version, args.alias, metric=args.metric, minimum=args.minimum,
                        force=args.force, dry_run=args.dry_run, max_regression=args.max_regression,
-                       eval_data=args.eval_data)
+                       eval_data=args.eval_data,
+                       device=single_process_context().device if args.eval_data is not None else None)
     print(decision.describe(dry_run=args.dry_run))
     if not decision.accepted:
         raise PromotionRefused(decision.reason)

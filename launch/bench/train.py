@@ -105,12 +105,10 @@ def bench_train(cfg: RunConfig, *, config_name: str) -> TrainBench | None:
     summary = start_run(cfg)
     if summary is None:
         return None
-    device = torch.device(summary.device)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    precision = resolve_precision(cfg.precision, device).name
+    precision = resolve_precision(cfg.precision, torch.device(summary.device)).name
     return TrainBench(
-        config=config_name, model=cfg.model.name, image_size=cfg.data.image_size, device=device_name,
+        config=config_name, model=cfg.model.name, image_size=cfg.data.image_size, device=summary.device_name,
         world_size=summary.world_size, precision=precision, epochs=summary.epochs, steps=summary.steps,
         images_per_s=summary.images_per_s,
         training_gflops_per_image=training_flops_per_image(build_model(cfg.model), cfg.data.image_size) / 1e9,
-        peak_tflops_per_device=peak_tflops(device_name, precision), run_dir=summary.run_dir)
+        peak_tflops_per_device=peak_tflops(summary.device_name, precision), run_dir=summary.run_dir)

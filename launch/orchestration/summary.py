@@ -27,6 +27,8 @@ class RunSummary:
     """model.name."""
     device: str
     """Device type the workers trained on: cuda or cpu."""
+    device_name: str = ""
+    """What rank 0 trained on, by name ("NVIDIA H200", "cpu"); empty in summaries written before it was kept."""
     world_size: int
     """Training processes."""
     epochs: int
@@ -103,7 +105,7 @@ class RunSummary:
         """A two-column table of the numbers a user looks at first."""
         rows = [
             ("model", self.model),
-            ("device", f"{self.device} x {self.world_size}"),
+            ("device", f"{self.device_name or self.device} x {self.world_size}"),
             ("epochs / steps", f"{self.epochs} / {self.steps}" + (", stopped at the val top-1 target" if
                                                                   self.stopped_at_target else "")),
             ("train images/s", f"{self.images_per_s:.1f}"),

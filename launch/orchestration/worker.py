@@ -79,14 +79,16 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
     assert cfg.checkpoint.url is not None
     counts = start_counts(run_dir)
     summary = RunSummary(
-        run_name=str(cfg.launch.name), model=cfg.model.name, device=ctx.device.type, world_size=ctx.world_size,
+        run_name=str(cfg.launch.name), model=cfg.model.name, device=ctx.device.type,
+        device_name=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        world_size=ctx.world_size,
         epochs=result.epochs, steps=result.steps, images_per_s=result.images_per_s,
         train_time_s=result.train_time_s, val=result.val, stopped_at_target=result.stopped_at_target,
         time_to_accuracy=result.time_to_accuracy, restarts=counts["restarts"], resizes=counts["resizes"],
         steps_redone=counts["steps_redone"],
         checkpoint_url=open_checkpoints(cfg.checkpoint.url).url(result.steps), run_dir=str(run_dir))
     if tracker is not None:
-        summary = _finish_tracking(cfg, tracker, summary)
+        summary = _finish_tracking(cfg, tracker, summary, device=ctx.device)
     summary = replace(summary, wall_time_s=time.perf_counter() - start)
     summary.save(run_dir)
     if print_summary:
@@ -94,9 +96,11 @@ def train_process(cfg: RunConfig, ctx: DistContext, run_dir: Path, *, launch_id:
     return summary
 
 
-def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -> RunSummary:
-    """End the MLflow run, register its model and move the configured alias; the summary with what came of
-    it. A tracking failure here is printed, never raised: the trained checkpoint is already safe."""
+def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary, *,
+                     device: torch.device) -> RunSummary:
+    """End the MLflow run, register its model and move the configured alias (the gate scores on `device`,
+    this worker's); the summary with what came of it. A tracking failure here is printed, never raised: the
+    trained checkpoint is already safe."""
     from launch.tracking import registry
 
     delivered = tracker.close()
@@ -118,7 +122,7 @@ def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary) -
             decision = registry.promote(tracker.uri, registry.model_name(cfg), version, cfg.tracking.promote_alias,
                                         metric=cfg.tracking.promote_metric, minimum=cfg.tracking.promote_min,
                                         max_regression=cfg.tracking.promote_max_regression,
-                                        eval_data=cfg.tracking.promote_eval_data)
+                                        eval_data=cfg.tracking.promote_eval_data, device=device)
             summary = replace(summary, promotion=decision.describe(dry_run=False))
             print(f"mlflow: {summary.promotion}", flush=True)
     except Exception as error:  # noqa: BLE001 - reported, and the summary says what is missing

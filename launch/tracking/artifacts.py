@@ -27,7 +27,6 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.prepare import CLASSES_FILE
 from launch.tracking.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ParityError, check_parity, export_onnx
 from trainer.checkpoint import STEP_FOLDER, open_checkpoints
-from trainer.dist import single_process_context
 from trainer.engine import prepare_model
 from trainer.models import build_model
 from trainer.serialize import from_bytes
@@ -108,15 +107,14 @@ def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
     return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})", meta)
 
 
-def evaluate_trained(trained: Trained, *, data_root: str | None = None, overrides: dict[str, Any] | None = None,
-                     device: torch.device | None = None) -> dict[str, float]:
+def evaluate_trained(trained: Trained, *, device: torch.device, data_root: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Top-1/top-5 and loss of `trained` over the val split of its data set (or of the one at `data_root`),
-    in one process on `device` (default: the first GPU, else the CPU)."""
+    in one process on `device` (the caller's context's: a Ray worker's own GPU, or a command's)."""
     from data_pipeline import build_loaders
     from trainer.evaluate import evaluate
     from trainer.precision import resolve_precision
 
-    device = device or single_process_context().device
     data = _data_config(trained, data_root, overrides)
     precision = resolve_precision(trained.cfg.precision, device)
     loaders = build_loaders(data, seed=trained.cfg.seed, device=device, dtype=precision.input_dtype)

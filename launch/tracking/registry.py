@@ -134,16 +134,17 @@ class Evaluation:
                 "eval.data_digest": self.digest}
 
 
-def evaluate_version(client: Any, uri: str, data: str) -> Evaluation:
+def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device) -> Evaluation:
     """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`,
-    with its own evaluation preprocessing, in this process."""
+    with its own evaluation preprocessing, in this process on `device`."""
     from data_pipeline import prepare_dataset
     from data_pipeline.prepare import index_digest, index_folder
 
     trained = load_trained(uri, tracking_uri=client.tracking_uri)
     # Staged once (a URL) here; the evaluation then reads the local copy.
     root, index_dir = prepare_dataset(replace(trained.cfg.data, dataset="folder", root=data, index_dir=None))
-    scores = evaluate_trained(trained, data_root=str(root), overrides={"dataset": "folder", "index_dir": index_dir})
+    scores = evaluate_trained(trained, device=device, data_root=str(root),
+                              overrides={"dataset": "folder", "index_dir": index_dir})
     return Evaluation(scores=scores, data=data, digest=index_digest(index_folder(root, index_dir), "val"))
 
 
@@ -177,10 +178,12 @@ class Decision:
 
 
 def decide(client: Any, name: str, version: str, alias: str, *, metric: str, minimum: float | None,
-           force: bool, max_regression: float = 0.0, eval_data: str | None = None) -> Decision:
+           force: bool, max_regression: float = 0.0, eval_data: str | None = None,
+           device: torch.device | None = None) -> Decision:
     """The gate: the candidate's `metric` must reach `minimum` and must not be below the current holder's by
-    more than `max_regression`. With `eval_data` both versions are scored here, on that data, and those
-    scores are compared; without it, the versions' `metric` tags are."""
+    more than `max_regression`. With `eval_data` both versions are scored here, on that data, on `device`
+    (which goes with it: the caller's), and those scores are compared; without it, the versions' `metric`
+    tags are."""
     if RESERVED_ALIAS.match(alias):
         raise ConfigError(f"alias {alias!r} is reserved by MLflow (v<number>, latest): choose another, e.g. production")
     mlflow_exceptions = import_extra("mlflow.exceptions")
@@ -195,8 +198,10 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
     previous = None if holder is None else str(holder.version)
     evaluations = None
     if eval_data is not None:
+        if device is None:
+            raise ValueError("decide: eval_data is scored on the caller's device; none was given")
         versions = dict.fromkeys(str(v.version) for v in (candidate, holder) if v is not None)  # once each
-        evaluations = {v: evaluate_version(client, f"models:/{name}/{v}", eval_data) for v in versions}
+        evaluations = {v: evaluate_version(client, f"models:/{name}/{v}", eval_data, device=device) for v in versions}
 
     def value(model_version: Any) -> float | None:
         if evaluations is not None:
@@ -235,15 +240,15 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
 
 def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: str = "val_top1",
             minimum: float | None = None, force: bool = False, dry_run: bool = False, max_regression: float = 0.0,
-            eval_data: str | None = None) -> Decision:
+            eval_data: str | None = None, device: torch.device | None = None) -> Decision:
     """Move `alias` of registered model `name` to `version` if the gate allows (see `decide`), recording the
     previous holder and the reason as tags of both versions; with `eval_data`, also each version's scores
-    there (`eval.*`) and the decision (`<alias>.decision`), accepted or not."""
+    there (`eval.*`) and the decision (`<alias>.decision`), accepted or not; they are scored on `device`."""
     mlflow = import_extra("mlflow")
     client = mlflow.MlflowClient(tracking_uri)
     try:
         decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force,
-                          max_regression=max_regression, eval_data=eval_data)
+                          max_regression=max_regression, eval_data=eval_data, device=device)
     except (ConfigError, OSError, DatasetError):
         raise
     except Exception as error:  # an unreachable server, a store that is not an MLflow store

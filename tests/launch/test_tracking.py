@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ import mlflow  # noqa: F401, E402
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
 
 
 class Server:
@@ -271,15 +273,40 @@ def test_promotion_moves_the_alias_only_through_the_gate(recorded: tuple[Server,
         promote(server.uri, "resnet18-digits", "9", "production")
 
 
+def tampered_version(server: Server, runs: Path, tmp_path: Path) -> str:
+    """A version whose weights score at chance (the classifier zeroed) but whose val_top1 tag claims 0.999,
+    registered from a copy of run "first"'s checkpoint under a run of its own."""
+    from mlflow import MlflowClient
+
+    from launch.tracking.artifacts import load_trained
+    from launch.tracking.registry import register_model
+    from trainer.state import from_bytes, to_bytes
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(runs / "first" / "checkpoints", copy, ignore=shutil.ignore_patterns("writers"))
+    manager = open_checkpoints(str(copy))
+    latest = manager.latest()
+    assert latest is not None
+    weights = from_bytes(manager.read(latest.step, "model.pt"))
+    weights["fc.weight"].zero_()
+    weights["fc.bias"].zero_()
+    files = {name: manager.read(latest.step, name) for name in latest.files}
+    manager.save(latest.step + 1, {**files, "model.pt": to_bytes(weights)}, {**latest.meta, "val_top1": 0.999})
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.get_experiment_by_name("tests").experiment_id).info.run_id
+    cfg = load_trained(str(copy)).cfg
+    return register_model(cfg, tracking_uri=server.uri, run_id=run_id, checkpoint_url=str(copy)).rsplit("/", 1)[1]
+
+
 def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorded: tuple[Server, Path],
-                                                                          digits_root: Path) -> None:
+                                                                          digits_root: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from data_pipeline.prepare import index_digest, index_folder
     from launch.tracking.artifacts import evaluate_trained, load_trained
     from launch.tracking.registry import promote
 
-    server, _ = recorded
+    server, runs = recorded
     client = MlflowClient(server.uri)
     assert promote(server.uri, "resnet18-digits", "1", "gated").accepted  # the holder to beat
     command = [sys.executable, "-m", "launch", "promote", "resnet18-digits", "--alias", "gated", "--version", "2",
@@ -294,7 +321,7 @@ def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorde
         assert tags["gated.decision"].startswith("promoted" if gated.returncode == 0 else "refused")
         scores[version] = float(tags["eval.val_top1"])
     # The same score as evaluating the registered weights by hand (the tag is rounded to 6 digits).
-    by_hand = evaluate_trained(load_trained("models:/resnet18-digits/2", tracking_uri=server.uri),
+    by_hand = evaluate_trained(load_trained("models:/resnet18-digits/2", tracking_uri=server.uri), device=CPU,
                                data_root=str(digits_root))
     assert scores["2"] == pytest.approx(by_hand["val_top1"], abs=1e-6)
     # Accepted exactly when the candidate scored at least the holder's, and the output says so.
@@ -302,19 +329,27 @@ def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorde
     assert f"scored here on {digits_root} (355 images, index" in gated.stdout
     # Refused by the floor all the same, and without --eval-data the tags are trusted and it says so.
     refused = promote(server.uri, "resnet18-digits", "2", "floored", minimum=1.0, eval_data=str(digits_root),
-                      dry_run=True)
+                      dry_run=True, device=CPU)
     assert not refused.accepted and "below the floor" in refused.reason
     trusted = promote(server.uri, "resnet18-digits", "2", "trusting", dry_run=True)
     assert "trusting the versions' own tags (no --eval-data)" in trusted.describe(dry_run=True)
-    # A holder better by less than --max-regression lets a worse candidate through.
-    worse, better = sorted(scores, key=scores.__getitem__)
-    if scores[better] > scores[worse]:
-        client.set_registered_model_alias("resnet18-digits", "gated", better)
-        allowed = promote(server.uri, "resnet18-digits", worse, "gated", eval_data=str(digits_root), dry_run=True,
-                          max_regression=scores[better] - scores[worse] + 0.001)
-        assert allowed.accepted
-        assert not promote(server.uri, "resnet18-digits", worse, "gated", eval_data=str(digits_root),
-                           dry_run=True).accepted
+
+    # A candidate whose tag claims better than the holder but whose weights score worse: a gate that
+    # compared tags would let it through (the control), the gate that scores them refuses it.
+    tampered = tampered_version(server, runs, tmp_path)
+    holder = client.get_model_version_by_alias("resnet18-digits", "gated").version
+    assert promote(server.uri, "resnet18-digits", tampered, "gated", dry_run=True).accepted  # trusting its tag
+    scored = promote(server.uri, "resnet18-digits", tampered, "gated", eval_data=str(digits_root), dry_run=True,
+                     device=CPU)
+    assert scored.evaluations is not None
+    real, held = scored.evaluations[tampered].scores["val_top1"], scored.evaluations[holder].scores["val_top1"]
+    assert real < 0.5 < held and not scored.accepted and f"worse than version {holder}'s" in scored.reason
+    # A holder better by less than --max-regression lets the worse candidate through; by more, not.
+    allowed = promote(server.uri, "resnet18-digits", tampered, "gated", eval_data=str(digits_root), dry_run=True,
+                      device=CPU, max_regression=held - real + 0.001)
+    assert allowed.accepted
+    assert not promote(server.uri, "resnet18-digits", tampered, "gated", eval_data=str(digits_root), dry_run=True,
+                       device=CPU, max_regression=held - real - 0.001).accepted
 
 
 def test_a_server_outage_mid_run_loses_no_metric(server: Server, digits_root: Path, tmp_path: Path) -> None:

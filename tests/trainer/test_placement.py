@@ -80,3 +80,49 @@ def test_no_library_code_places_anything_by_local_rank() -> None:
                    for node in ast.walk(tree)):
                 readers.add(str(path.relative_to(REPO)))
     assert readers <= allowed, f"placement by local_rank or the current device in {sorted(readers - allowed)}"
+
+
+# torch.cuda functions that act on the current GPU when given no device.
+CURRENT_GPU_DEFAULTS = {"get_device_name", "get_device_properties", "get_rng_state", "set_rng_state",
+                        "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "mem_get_info",
+                        "synchronize", "utilization"}
+
+
+def unplaced_gpu_uses(tree: ast.AST) -> list[str]:
+    """Where code names a GPU without the context: `torch.device("cuda")` or "cuda:0" as a literal, a
+    torch.cuda call that falls back to the current GPU, a command's one-process context in library code."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute | ast.Name):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+        owner = ast.unparse(node.func.value) if isinstance(node.func, ast.Attribute) else ""
+        literals = [n.value for arg in node.args[:1] for n in ast.walk(arg) if isinstance(n, ast.Constant)]
+        if (owner, name) == ("torch", "device") and len(node.args) == 1 and any(
+                isinstance(value, str) and value.startswith("cuda") for value in literals):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif owner == "torch.cuda" and name in CURRENT_GPU_DEFAULTS and not node.args and not node.keywords:
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif name == "single_process_context":
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_library_code_falls_back_to_the_current_gpu_or_gpu_0() -> None:
+    # A Ray worker sees all of its node's GPUs: the run-end gate, the summary and the benches name the
+    # context's GPU. Only commands that are one process by nature build their own context.
+    commands = {"launch/cli.py", "launch/orchestration/local.py", "trainer/dist.py",
+                *(str(p.relative_to(REPO)) for p in (REPO / "launch" / "bench").glob("*.py"))}
+    offenders = {}
+    for package in ("configs", "data_pipeline", "trainer", "launch"):
+        for path in (REPO / package).rglob("*.py"):
+            uses = unplaced_gpu_uses(ast.parse(path.read_text()))
+            if str(path.relative_to(REPO)) in commands:
+                uses = [use for use in uses if "single_process_context" not in use]
+            if uses:
+                offenders[str(path.relative_to(REPO))] = uses
+    assert offenders == {}
+    # Negative control: the scan finds each kind.
+    found = unplaced_gpu_uses(ast.parse('torch.device("cuda" if ok else "cpu")\ntorch.cuda.get_device_name()\n'
+                                        'evaluate(device=single_process_context().device)\ntorch.device("cuda", 3)'))
+    assert [use.split(":")[0] for use in found] == ["line 1", "line 2", "line 3"]
