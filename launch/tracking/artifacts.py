@@ -82,6 +82,7 @@ def load_trained(source: str, *, tracking_uri: str | None = None, weights: str =
 
 def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
     mlflow = import_extra("mlflow")
+    mlflow_exceptions = import_extra("mlflow.exceptions")
     client = mlflow.MlflowClient(tracking_uri)
     match = re.match(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$", uri)
     if match is None:
@@ -91,8 +92,8 @@ def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
             version = client.get_model_version(match["name"], match["version"])
         else:
             version = client.get_model_version_by_alias(match["name"], match["alias"])
-    except Exception as error:  # unknown name, version or alias; an unreachable server
-        raise ConfigError(f"{uri} at {client.tracking_uri}: {error}") from None
+    except mlflow_exceptions.MlflowException as error:  # unknown name, version or alias; an unreachable server
+        raise ConfigError(f"{uri} at {client.tracking_uri}: {error.message}") from error
     if "weights" not in version.tags:
         raise ConfigError(f"{uri}: version {version.version} was not registered by this trainer (no weights tag)")
     with tempfile.TemporaryDirectory(prefix="registry-") as scratch:
@@ -248,6 +249,8 @@ def predict_files(trained: Trained, files: list[Path], *, top_k: int) -> Any:
     exported program and metadata): a DataFrame of class_id, class_name, probability and the top-k."""
     from types import SimpleNamespace
 
+    from mlflow.exceptions import MlflowException
+
     from launch.tracking.served_model import ImageClassifierModel
 
     with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
@@ -259,8 +262,8 @@ def predict_files(trained: Trained, files: list[Path], *, top_k: int) -> Any:
     for file in files:
         try:
             answers.append(model.predict(None, [file.read_bytes()], params={"top_k": top_k}))
-        except Exception as error:  # an undecodable file: named, with the served model's reason
-            raise ConfigError(f"{file}: {getattr(error, 'message', error)}") from None
+        except MlflowException as error:  # the served model's refusal (an undecodable file): named, with its reason
+            raise ConfigError(f"{file}: {error.message}") from error
     import pandas as pd
 
     return pd.concat(answers, ignore_index=True).assign(file=[str(file) for file in files])

@@ -29,7 +29,6 @@ from configs.extras import import_extra
 from configs.errors import ConfigError
 from configs.loader import dump_config
 from configs.schema import RESERVED_ALIAS, RunConfig
-from data_pipeline.index import DatasetError
 from data_pipeline.prepare import CLASSES_FILE
 from launch.tracking.artifacts import evaluate_trained, export_trained, load_trained
 from launch.tracking.sink import config_hash
@@ -187,13 +186,20 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
     if RESERVED_ALIAS.match(alias):
         raise ConfigError(f"alias {alias!r} is reserved by MLflow (v<number>, latest): choose another, e.g. production")
     mlflow_exceptions = import_extra("mlflow.exceptions")
+    # What the store answers for a name, version or alias it does not have; anything else (an unreachable
+    # server) propagates to `promote`, which names the tracking URI.
+    not_found = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
     try:
         candidate = client.get_model_version(name, version)
     except mlflow_exceptions.MlflowException as error:
-        raise ConfigError(f"registered model {name!r} has no version {version!r}: {error.message}") from None
+        if error.error_code not in not_found:
+            raise
+        raise ConfigError(f"registered model {name!r} has no version {version!r}: {error.message}") from error
     try:
         holder = client.get_model_version_by_alias(name, alias)
-    except mlflow_exceptions.MlflowException:
+    except mlflow_exceptions.MlflowException as error:
+        if error.error_code not in not_found:
+            raise
         holder = None
     previous = None if holder is None else str(holder.version)
     evaluations = None
@@ -245,14 +251,13 @@ def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: s
     previous holder and the reason as tags of both versions; with `eval_data`, also each version's scores
     there (`eval.*`) and the decision (`<alias>.decision`), accepted or not; they are scored on `device`."""
     mlflow = import_extra("mlflow")
+    mlflow_exceptions = import_extra("mlflow.exceptions")
     client = mlflow.MlflowClient(tracking_uri)
     try:
         decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force,
                           max_regression=max_regression, eval_data=eval_data, device=device)
-    except (ConfigError, OSError, DatasetError):
-        raise
-    except Exception as error:  # an unreachable server, a store that is not an MLflow store
-        raise ConfigError(f"tracking URI {tracking_uri}: {type(error).__name__}: {error}") from None
+    except mlflow_exceptions.MlflowException as error:  # an unreachable server, a store that is not MLflow's
+        raise ConfigError(f"tracking URI {tracking_uri}: {error.message}") from error
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if decision.evaluations is not None and not dry_run:
         for scored, evaluation in decision.evaluations.items():
