@@ -177,7 +177,8 @@ def _ranges(*, shear: float, translate: float, rotate: float, enhance: float,
               "posterize": MagnitudeRange(8, posterize_bits, False), "solarize": MagnitudeRange(255, 0, False),
               "auto_contrast": _NO_MAGNITUDE, "equalize": _NO_MAGNITUDE}
     ranges.update({name: MagnitudeRange(0, enhance, True) for name in _ENHANCE})
-    assert tuple(sorted(ranges)) == tuple(sorted(AUTO_AUGMENT_OPS))
+    if sorted(ranges) != sorted(AUTO_AUGMENT_OPS):
+        raise RuntimeError(f"magnitude ranges {sorted(ranges)} do not cover the operations {AUTO_AUGMENT_OPS}")
     return ranges
 
 

@@ -37,7 +37,8 @@ class ShardedBatchSampler:
 
     def __init__(self, num_samples: int, *, batch_size: int, rank: int, world_size: int, seed: int,
                  train: bool) -> None:
-        assert 0 <= rank < world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.rank = rank
@@ -47,6 +48,10 @@ class ShardedBatchSampler:
         self.epoch = 0
         self.start_batch = 0
 
+    def _check_start(self, start_batch: int) -> None:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"batch {start_batch} is not in an epoch of {len(self)} batches")
+
     def __len__(self) -> int:
         """Batches this rank yields in a whole epoch."""
         if self.train:
@@ -55,7 +60,7 @@ class ShardedBatchSampler:
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """Make the next iteration yield epoch `epoch` from batch `start_batch` on."""
-        assert 0 <= start_batch <= len(self)
+        self._check_start(start_batch)
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
@@ -64,7 +69,7 @@ class ShardedBatchSampler:
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[list[SampleKey]]:
         """This rank's batches of epoch `epoch` from batch `start_batch` on."""
-        assert 0 <= start_batch <= len(self)
+        self._check_start(start_batch)
         if self.train:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             order = torch.randperm(self.num_samples, generator=generator).tolist()

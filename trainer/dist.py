@@ -27,7 +27,8 @@ class DistContext:
     from here, never from local_rank or the current device (under Ray a worker sees all of a node's GPUs)."""
 
     def __post_init__(self) -> None:
-        assert self.device.type != "cuda" or self.device.index is not None, "a GPU context names its GPU"
+        if self.device.type == "cuda" and self.device.index is None:
+            raise ValueError(f"a GPU context names its GPU (cuda:N), got {self.device}")
 
     @property
     def is_primary(self) -> bool:

@@ -40,6 +40,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, *, channels
         ]).double()
     model.train(was_training)
     loss_sum, top1, top5_hits, count = all_reduce_sum(totals).tolist()
-    assert count > 0, "an index never holds an empty split"
+    if count == 0:
+        raise ValueError("evaluated no images: the val split is empty")
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5_hits / count,
             "val_images": count}

@@ -283,7 +283,8 @@ def engine_row(name: str, cfg: RunConfig, device: torch.device, *, rounds: int) 
     finally:
         watch.stop()
     timed = recorder.reports[1:rounds + 1]
-    assert timed, f"{name}: the epoch is too short for a report after the warm-up"
+    if not timed:
+        raise RuntimeError(f"{name}: the epoch is too short for a report after the warm-up")
     first_step_s = next((report["first_step_s"] for report in recorder.reports if "first_step_s" in report), None)
     return Row(name, [report["images_per_s"] for report in timed],
                data_wait_share=statistics.median(report["data_wait_share"] for report in timed),

@@ -27,6 +27,7 @@ from configs.schema import RunConfig
 from configs.errors import UserError
 from data_pipeline.storage import atomic_write
 from launch.errors import RunFailed, WorkerUserError
+from launch.orchestration.reaper import start_reaper
 from launch.orchestration.rundir import open_run_dir
 from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
@@ -118,6 +119,7 @@ def _init_ray(ray: Any, address: str | None) -> bool:
         return False
     # The dashboard also serves the state API, which Ray Train's controller polls.
     ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+    start_reaper(os.getpid())  # a killed driver leaves no part of this cluster behind
     return True
 
 

@@ -65,7 +65,8 @@ def export_onnx(network: nn.Module, size: int, path: Path) -> None:
     program = torch.onnx.export(network, example, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    assert program is not None
+    if program is None:
+        raise RuntimeError(f"torch.onnx.export returned no program for {type(network).__name__}")
     program.save(str(path))
 
 

@@ -46,9 +46,13 @@ def overrides(root: Path, runs: Path, name: str, *extra: str) -> list[str]:
 
 
 def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    return final_weights_at(checkpoint_dir, TOTAL_STEPS)
+
+
+def final_weights_at(checkpoint_dir: Path, steps: int) -> dict[str, torch.Tensor]:
     manager = open_checkpoints(str(checkpoint_dir), keep_last=1)
     manifest = manager.latest()
-    assert manifest is not None and manifest.step == TOTAL_STEPS
+    assert manifest is not None and manifest.step == steps
     return from_bytes(manager.read(manifest.step, "model.pt"))
 
 
@@ -69,9 +73,24 @@ def start_training(args: list[str], log: Path, env: dict[str, str] | None = None
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
-def train_workers() -> list[psutil.Process]:
-    """The Ray Train worker processes running on this machine."""
-    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+def train_workers(driver: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The Ray Train worker processes of the run `driver` started (its local cluster's), oldest first: never
+    another suite's on the same machine."""
+    workers = [p for p in descendants(driver) if "ray::RayTrainWorker" in " ".join(p.cmdline())]
+    assert workers, "the run has no Ray Train worker"
+    return sorted(workers, key=lambda p: p.create_time())
+
+
+def descendants(driver: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """Every process under `driver` (its local Ray cluster: GCS, raylet, agents, workers)."""
+    found = []
+    for process in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            process.cmdline()
+            found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def wait_for_report(metrics: Path, *, after_step: int, timeout_s: float = 300) -> int:
@@ -107,11 +126,11 @@ def test_killed_and_preempted_workers_are_restarted_and_reach_the_uninterrupted_
     metrics = tmp_path / "faults" / "metrics.jsonl"
     try:
         wait_for_report(metrics, after_step=5)
-        killed = train_workers()[-1].pid
+        killed = train_workers(driver)[-1].pid
         assert f"pid={killed}) world_rank=" in log.read_text(errors="replace")  # a worker of this run
         os.kill(killed, signal.SIGKILL)  # a lost process, mid-epoch
         sigterm_after = wait_for_report(metrics, after_step=15)
-        stopped = train_workers()[0].pid
+        stopped = train_workers(driver)[0].pid
         os.kill(stopped, signal.SIGTERM)  # a preemption, later in the run
         output = finish(driver, log)
     finally:
@@ -145,15 +164,18 @@ def test_a_stopped_worker_times_out_its_collective_and_the_group_restarts(
     driver = start_training(overrides(digits_root, tmp_path, "hung", "distributed.timeout_s=15", "schedule.epochs=1"),
                             log, env={"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"})
     metrics = tmp_path / "hung" / "metrics.jsonl"
+    stopped = None
     try:
         wait_for_report(metrics, after_step=5)
-        stopped = train_workers()[-1]
+        stopped = train_workers(driver)[-1]
         assert f"pid={stopped.pid}) world_rank=" in log.read_text(errors="replace")  # a worker of this run
         stopped.send_signal(signal.SIGSTOP)  # alive but answering nothing, as a hung GPU or a frozen host
         time.sleep(1)
         assert stopped.status() == psutil.STATUS_STOPPED
         output = finish(driver, log)
     finally:
+        if stopped is not None and stopped.is_running():
+            stopped.send_signal(signal.SIGCONT)  # never leave a stopped process behind, whatever failed
         driver.kill()
     assert driver.returncode == 0, output[-5000:]
     # The other rank's collective gave up after distributed.timeout_s (gloo's message), the group failed once
@@ -186,7 +208,7 @@ def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
     driver = start_training(overrides(digits_root, tmp_path, "fragile", "launch.max_failures=0"), log)
     try:
         wait_for_report(tmp_path / "fragile" / "metrics.jsonl", after_step=10)
-        os.kill(train_workers()[0].pid, signal.SIGKILL)
+        os.kill(train_workers(driver)[0].pid, signal.SIGKILL)
         output = finish(driver, log)
     finally:
         driver.kill()
@@ -198,11 +220,31 @@ def test_out_of_restarts_names_the_last_checkpoint_and_a_later_resume_finishes(
             f"{checkpoints.url(latest.step)} (step {latest.step}); continue it with "
             "`python -m launch train --resume fragile`") in output
 
-    # Later, with the process tree gone: continue by name.
-    resumed = subprocess.run([sys.executable, "-m", "launch", "train", "--resume", "fragile",
-                              f"launch.runs_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # Later, with the process tree gone: continue by name. That driver is killed (SIGKILL) after its next
+    # checkpoint: nothing of the Ray cluster it started outlives it, and --resume continues the run again.
+    command = [sys.executable, "-m", "launch", "train", "--resume", "fragile", f"launch.runs_dir={tmp_path}"]
+    killed_log = tmp_path / "killed.log"
+    killed = start_training(command[4:], killed_log)
+    try:
+        wait_until(lambda: (checkpoints.latest() or latest).step > latest.step, "a checkpoint after the resume",
+                   killed)
+        tree = descendants(killed)
+        names = " ".join(" ".join(p.cmdline()) for p in tree)
+        assert "ray::DashboardAgent" in names and "raylet" in names and "ray::RayTrainWorker" in names, names
+        killed.kill()
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 60
+        while left := [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            assert time.monotonic() < deadline, f"left behind by the killed driver: {[p.cmdline() for p in left]}"
+            time.sleep(0.5)
+    finally:
+        killed.kill()
+    assert f"resuming from step {latest.step}" in killed_log.read_text(errors="replace")
+    again = checkpoints.latest()
+    assert again is not None and latest.step < again.step < TOTAL_STEPS
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
-    assert f"resuming from step {latest.step}" in resumed.stdout
+    assert f"resuming from step {again.step}" in resumed.stdout
     weights = final_weights(tmp_path / "fragile" / "checkpoints")
     for key, value in uninterrupted.items():
         assert torch.equal(weights[key], value), key
@@ -232,9 +274,23 @@ def test_an_error_no_restart_can_fix_stops_the_ray_run_at_once(digits_root: Path
 
 
 # Elastic: 1 to 2 workers, a resize check every second, a group start given up after 10 s (then Ray starts with
-# the workers it can get).
+# the workers it can get); 3 epochs, so that the lone worker cannot finish before the added node joins.
 ELASTIC = ["launch.num_workers=[1, 2]", "launch.resize_interval_s=1", "launch.group_start_timeout_s=10",
-           "launch.max_failures=4"]
+           "launch.max_failures=4", "schedule.epochs=3"]
+ELASTIC_STEPS = 66
+
+
+def one_process_weights(root: Path, folder: Path, *extra: str) -> dict[str, torch.Tensor]:
+    """The final weights of a 3-epoch run in this process (no Ray, no process group)."""
+    import trainer
+    from trainer.dist import single_process_context
+
+    cfg = load_config("quickstart", [f"data.root={root}", *COMMON, "schedule.epochs=3", f"checkpoint.url={folder}",
+                                     "tracking.enabled=false", *extra])
+    trainer.run(cfg, single_process_context(), [])
+    latest = open_checkpoints(str(folder)).latest()
+    assert latest is not None and latest.step == ELASTIC_STEPS
+    return from_bytes(open_checkpoints(str(folder)).read(latest.step, "model.pt"))
 
 
 STAGE_ENV = "RESNET_TEST_STAGE"
@@ -275,8 +331,7 @@ def wait_until(condition: Callable[[], bool], what: str, job: subprocess.Popen[b
 
 
 def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterrupted_weights(
-        digits_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor],
-        two_nodes: tuple[Any, Any]) -> None:
+        digits_root: Path, tmp_path: Path, two_nodes: tuple[Any, Any]) -> None:
     from mlflow import MlflowClient
 
     from launch.orchestration.starts import read_starts
@@ -319,9 +374,13 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     assert starts[2].cause == "grew: more workers could be had"
     assert "resize: 2 -> 1 workers at step" in text and "resize: 1 -> 2 workers at step" in text
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["steps"], summary["world_size"], summary["restarts"], summary["resizes"]) == (TOTAL_STEPS, 2, 2, 2)
+    assert (summary["steps"], summary["world_size"], summary["restarts"], summary["resizes"]) == (ELASTIC_STEPS, 2, 2,
+                                                                                                 2)
     assert summary["steps_redone"] == sum(s.redone for s in starts)
-    assert_every_step_once(run_dir)
+    reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reports if "val_top1" in r] == [22, 44, 66]  # each once, as assert_every_step_once
+    assert [r["step"] for r in reports if "loss" in r] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44, 45, 50, 55, 60, 65,
+                                                           66]
     resizes = [(r["step"], r["world_size"], r["previous_world_size"])
                for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "world_size" in r]
     assert resizes == [(starts[1].step, 1, 2), (starts[2].step, 2, 1)]
@@ -333,24 +392,20 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
         assert [p.name for p in (tmp_path / "stage" / node).glob("*/.staged.json")] == [".staged.json"], node
     fetched = Counter(re.findall(r'"GET (/\S+\.JPEG) HTTP', requests.read_text()))
     assert len(fetched) == 1442 + 355 and set(fetched.values()) == {3}
-    # The outputs are where the job was told to write them, not in Ray's copy of the working directory.
-    assert not list(Path("/tmp/ray").glob("session_*/runtime_resources/working_dir_files/*/runs"))
+    # The outputs are where the job was told to write them, not in Ray's copy of the working directory (in this
+    # cluster's own session folder, which holds that copy).
+    copies = list(Path(cluster.head_node.get_session_dir_path()).glob("runtime_resources/working_dir_files/*"))
+    assert copies and all((copy / "launch").is_dir() and not (copy / "runs").exists() for copy in copies), copies
 
     # Same global batch at every size (1 worker accumulated 2 micro-batches of 32): the same weights, bit for
-    # bit, as 2 workers that never stopped. (BatchNorm's running statistics differ: a lone worker updates
-    # them with both micro-batches, DDP keeps rank 0's; training never reads them.)
-    weights = final_weights(run_dir / "checkpoints")
-    parameters = [key for key in uninterrupted if "running" not in key and "num_batches" not in key]
+    # bit, as one process that accumulated 2 micro-batches of 32 from start to end (which is what 2 workers
+    # compute; BatchNorm's running statistics differ, DDP keeping rank 0's: training never reads them).
+    weights = final_weights_at(run_dir / "checkpoints", ELASTIC_STEPS)
+    reference = one_process_weights(digits_root, tmp_path / "reference", "optim.accumulation_steps=2")
+    parameters = [key for key in reference if "running" not in key and "num_batches" not in key]
     for key in parameters:
-        assert torch.equal(weights[key], uninterrupted[key]), key
-    # Negative control: with the global batch changed (1 worker, 32 images per step) the weights differ.
-    import trainer
-    from trainer.dist import single_process_context
-
-    halved = tmp_path / "halved"
-    trainer.run(load_config("quickstart", [f"data.root={digits_root}", *COMMON, f"checkpoint.url={halved}",
-                                           "tracking.enabled=false"]), single_process_context(), [])
-    latest = open_checkpoints(str(halved)).latest()
-    assert latest is not None
-    other = from_bytes(open_checkpoints(str(halved)).read(latest.step, "model.pt"))
-    assert not all(torch.equal(other[key], uninterrupted[key]) for key in parameters)
+        assert torch.equal(weights[key], reference[key]), key
+    # Negative control, differing only in how each step's 64 images are split (4 x 16 instead of 2 x 32; the
+    # same images, steps and learning rates): the weights differ, so the equality above is no accident.
+    split = one_process_weights(digits_root, tmp_path / "split", "data.batch_size=16", "optim.accumulation_steps=4")
+    assert not all(torch.equal(split[key], reference[key]) for key in parameters)

@@ -30,7 +30,7 @@ def test_ddp_dali_and_deepspeed_take_the_context_gpu() -> None:
     assert deepspeed_device_rank(GPU3) == 3 and deepspeed_device_rank(CPU) == 1
     with pytest.raises(ValueError, match="needs the GPU's index"):
         dali_device_id(torch.device("cuda"))  # "the current GPU" is not a placement
-    with pytest.raises(AssertionError, match="names its GPU"):
+    with pytest.raises(ValueError, match="names its GPU"):
         DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"))
 
 
