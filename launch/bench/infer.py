@@ -99,7 +99,7 @@ def runtimes(cfg: RunConfig, folder: Path) -> dict[str, Callable[[torch.Tensor],
 
 def bench_infer(cfg: RunConfig, *, batch_sizes: list[int], iterations: int, warmup: int) -> InferBench:
     """Time each runtime at each batch size on this machine's CPU (see the module docstring)."""
-    from launch.bench.gpu import machine_facts
+    from launch.bench.gpu_watch import machine_facts
 
     size = cfg.data.crop_size(train=False)
     rows = []

@@ -9,9 +9,9 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -125,9 +125,9 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
                              str(tmp_path / "broken.jpg")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert broken.returncode == 2 and "broken.jpg: an input of 13 bytes is not a decodable" in broken.stderr
 
-    # Served by MLflow's own server, as README says (from the activated environment), to clients that send the
-    # digits at their stored 32 px (training used 16) or as JPEG files: class names and probabilities come
-    # back; floats are refused with a 400 that says what to send.
+    # Served by MLflow's scoring server through `python -m launch serve` (no activated environment), to
+    # clients that send the digits at their stored 32 px (training used 16) or as JPEG files: class names and
+    # probabilities come back; floats are refused with a 400 that says what to send.
     files = sorted((digits_root / "val").glob("*/*.JPEG"))[::3]
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     assert images.shape[1:] == (32, 32, 3)
@@ -152,14 +152,16 @@ def test_quickstart_trains_registers_promotes_and_the_model_serves(tmp_path: Pat
 
 @contextlib.contextmanager
 def serving(model_uri: str, store: str) -> Iterator[Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """`mlflow models serve` of `model_uri` on 127.0.0.1, with the virtual environment's bin first on PATH (what
-    activating it does); yields a function that posts a JSON body to /invocations and returns (status, JSON)."""
-    bin_dir = Path(sys.executable).parent
+    """`python -m launch serve` of `model_uri` on 127.0.0.1, from this interpreter with the virtual environment
+    NOT on PATH (no activation); yields a function that posts a JSON body to /invocations and returns (status,
+    JSON). First the example request it prints is sent; at the end it is stopped with Ctrl-C (SIGINT) and must
+    exit 0 and free its port."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": store}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
+    server = subprocess.Popen([sys.executable, "-m", "launch", "serve", model_uri, "--port", str(port),
+                               "--tracking-uri", store], cwd=REPO, env={**os.environ, "PATH": path},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
 
     def invoke(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -171,18 +173,25 @@ def serving(model_uri: str, store: str) -> Iterator[Callable[[dict[str, Any]], t
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
+    assert server.stdout is not None
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
-            time.sleep(0.5)
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("  curl -s "):
+                break
+        assert f"serving {model_uri} at {url}/invocations" in "".join(lines), "".join(lines)[-3000:]
+        # The example request it printed answers.
+        example = json.loads(lines[-1].split(" -d '", 1)[1].rstrip().removesuffix("'"))
+        status, answer = invoke(example)
+        assert status == 200 and len(answer["predictions"][0]["top_k_names"]) == 3, answer
         yield invoke
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = server.communicate(timeout=60)
+        assert server.returncode == 0 and "server stopped" in rest, rest[-3000:]
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/ping", timeout=2)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=60)

@@ -205,7 +205,7 @@ def test_a_failing_bench_gpu_row_is_recorded_and_the_others_still_run(tmp_path: 
 
     monkeypatch.setattr(gpu, "dali_alone_row", broken_padding)
     logged: list[str] = []
-    result = gpu.bench_gpu(tmp_path, gpu.GpuBenchSettings.tiny(), log=logged.append)
+    result = gpu.bench_gpu(tmp_path, log=logged.append)
     rows = {row.name: row for row in result.rows}
     failed = rows["DALI alone, memory padding 256 MB"]
     assert failed.skipped == 'failed: RuntimeError: [/opt/dali/decoder.cc:42] Assert on "padding" failed'

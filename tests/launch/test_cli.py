@@ -63,7 +63,7 @@ def test_every_command_is_registered_with_its_handler(capsys: pytest.CaptureFixt
 
     words = {" ".join(registered.words) for registered in COMMANDS}
     assert words == {"train", "bench step", "bench data", "bench train", "bench launch", "bench gpu",
-                     "bench accuracy", "bench infer", "bench elastic", "eval", "export", "predict", "promote",
+                     "bench accuracy", "bench infer", "bench elastic", "eval", "export", "predict", "promote", "serve",
                      "data prepare", "data digits"}
     parser = build_parser()
     for registered in COMMANDS:
