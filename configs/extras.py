@@ -22,6 +22,11 @@ EXTRAS: dict[str, str] = {
 """Top-level module of each optional dependency -> the extra that installs it."""
 
 
+def modules_of(extra: str) -> list[str]:
+    """The top-level modules `extra` installs (what to `require_extras` before work that needs all of it)."""
+    return [module for module, owner in EXTRAS.items() if owner == extra]
+
+
 def import_extra(module: str) -> ModuleType:
     """Import `module` (or one of its submodules) from an optional dependency, or say which extra to install."""
     extra = next((extra for top, extra in EXTRAS.items() if module == top or module.startswith(f"{top}.")), None)

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 
 from configs.errors import ConfigError
-from configs.schema import InvalidValue, RunConfig
+from configs.schema import DEPRECATED_KEYS, InvalidValue, RunConfig, renamed_values
 
 CONFIG_DIR = Path(__file__).resolve().parent
 """Where the shipped recipes live; `--config NAME` looks here when NAME is not a path."""
@@ -65,12 +66,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not sep or not key:
             raise ConfigError(f"command line: override {override!r} must look like section.key=value")
         values[key.strip()] = (_parse_scalar(text), "command line")
-    return _build(RunConfig, "", values)
+    return _build(RunConfig, "", _renamed(values))
 
 
 def config_from_dict(document: Mapping[str, Any], source: str) -> RunConfig:
     """Build a `RunConfig` from the schema defaults and `document` (what `config_to_dict` returns)."""
-    return _build(RunConfig, "", _flatten(document, source))
+    return _build(RunConfig, "", _renamed(_flatten(document, source)))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -87,6 +88,17 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML that `load_config` reads back to an equal config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _renamed(values: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """`values` with each deprecated key replaced by what it stands for now, and a warning naming its source."""
+    values = dict(values)
+    for key in [key for key in values if key in DEPRECATED_KEYS]:
+        value, source = values.pop(key)
+        warnings.warn(f"{source}: {key} is deprecated: {DEPRECATED_KEYS[key]}", FutureWarning, stacklevel=3)
+        for new, new_value in renamed_values(key, value).items():
+            values.setdefault(new, (new_value, source))
+    return values
 
 
 def _parse_scalar(text: str) -> Any:

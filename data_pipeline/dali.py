@@ -191,7 +191,7 @@ class DaliLoader:
                 images = fn.erase(images, anchor=anchor, shape=erase_shape, axis_names="HW", fill_value=0)
             return images
 
-        pipeline = graph(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
+        pipeline = graph(batch_size=self.cfg.batch_size, num_threads=self.cfg.dali_threads,
                          device_id=dali_device_id(self.device), seed=seed,
                          prefetch_queue_depth=self.cfg.dali_prefetch_depth)
         pipeline.build()

@@ -171,11 +171,11 @@ def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed:
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_channels_last,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=cfg.loader_workers,
+        persistent_workers=cfg.loader_workers > 0,
         # Workers start from a clean server process, not a fork of this one: a fork copies none of the
         # threads of DALI, CUDA or the process group, and a library waiting on one of them hangs or crashes.
-        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
+        multiprocessing_context="forkserver" if cfg.loader_workers > 0 else None,
         pin_memory=pin_memory,
         # Each new iterator draws a base seed for its workers; from a private generator, the trainer's global
         # generators stay untouched (augmentation is seeded per sample and does not use that seed at all).

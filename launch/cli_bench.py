@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import ConfigError
-from configs.extras import require_extras
+from configs.extras import modules_of, require_extras
 from configs.loader import load_config
 from configs.schema import CompileMode, DataConfig, ModelName
 from launch.cli import JSON_ARGUMENT, arg, command, config_arguments
@@ -65,7 +65,6 @@ def bench_accuracy(args: argparse.Namespace) -> None:
          JSON_ARGUMENT)
 def bench_infer(args: argparse.Namespace) -> None:
     from launch.bench.infer import bench_infer
-    from launch.tracking.onnx_export import ONNX_MODULES
 
     try:
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -74,7 +73,7 @@ def bench_infer(args: argparse.Namespace) -> None:
     if not batch_sizes or min(batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0:
         raise ConfigError(f"--batch-sizes={args.batch_sizes!r} must be >= 1, --iterations={args.iterations} >= 1 "
                           f"and --warmup={args.warmup} >= 0")
-    require_extras(list(ONNX_MODULES))
+    require_extras(modules_of("onnx"))
     result = bench_infer(load_config(args.config, args.overrides), batch_sizes=batch_sizes,
                          iterations=args.iterations, warmup=args.warmup)
     print(result.as_json() if args.json else result.table())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import ConfigError
-from configs.extras import require_extras
+from configs.extras import modules_of, require_extras
 from launch.cli import JSON_ARGUMENT, arg, command
 from launch.errors import PromotionRefused
 
@@ -52,12 +52,11 @@ def evaluate(args: argparse.Namespace) -> None:
          TRACKING_URI_ARGUMENT)
 def export(args: argparse.Namespace) -> None:
     from launch.tracking.artifacts import evaluation_images, export_trained
-    from launch.tracking.onnx_export import ONNX_MODULES
 
     if args.check_images < 1:
         raise ConfigError(f"--check-images={args.check_images} must be >= 1")
     if args.format == "onnx":
-        require_extras(list(ONNX_MODULES))
+        require_extras(modules_of("onnx"))
     trained = _load_trained(args.source, args.tracking_uri)
     images = (evaluation_images(trained, args.check_images, data_root=args.data) if args.format == "onnx"
               else None)

@@ -58,7 +58,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     check_distributed(cfg, ctx)
     # With a range of workers, the micro-batches per rank follow the world size and the global batch stays.
     accumulation_steps = cfg.accumulation_steps_for(ctx.world_size)
-    global_batch_size = cfg.data.batch_size * ctx.world_size * accumulation_steps
+    global_batch_size = cfg.global_batch_size(ctx.world_size)
     peak_lr = peak_learning_rate(cfg.optim, global_batch_size=global_batch_size)
     # DeepSpeed needs its parameters in the default layout (see trainer/strategy/deepspeed.py); the inputs
     # stay channels-last, so the convolutions still run in NHWC.

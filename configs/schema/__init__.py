@@ -11,6 +11,7 @@ One module per group of sections (configs/schema/*.py); everything is importable
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from configs.errors import IncompatibleSettings
 from configs.schema.base import RESERVED_ALIAS, CompileMode, InvalidValue, ModelName, require
@@ -19,6 +20,22 @@ from configs.schema.launch import LaunchConfig
 from configs.schema.model import ModelConfig
 from configs.schema.outputs import CheckpointConfig, TrackingConfig
 from configs.schema.training import DistributedConfig, OptimConfig, PrecisionConfig, ScheduleConfig
+
+
+DEPRECATED_KEYS = {
+    "data.num_workers": "it meant DALI's CPU threads for data.loader=dali and the DataLoader's processes for "
+                        "data.loader=torch (beside launch.num_workers, the Ray workers); set data.dali_threads "
+                        "and data.loader_workers instead",
+}
+"""Keys still read, with why they went: `renamed_values` says what each stands for now."""
+
+
+def renamed_values(key: str, value: Any) -> dict[str, Any]:
+    """What deprecated `key` set to `value` stands for now (an explicit setting of a new key wins over it)."""
+    if key == "data.num_workers":
+        # DALI ran max(1, num_workers) threads.
+        return {"data.dali_threads": max(1, value) if isinstance(value, int) else value, "data.loader_workers": value}
+    raise KeyError(key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +79,11 @@ class RunConfig:
         number of workers: launch.max_workers x optim.accumulation_steps."""
         return self.launch.max_workers * self.optim.accumulation_steps
 
+    def global_batch_size(self, world_size: int) -> int:
+        """Images in one optimiser step of all ranks together at `world_size`: data.batch_size x world size x
+        the micro-batches each rank accumulates (with a range of workers the same at every size)."""
+        return self.data.batch_size * world_size * self.accumulation_steps_for(world_size)
+
     def accumulation_steps_for(self, world_size: int) -> int:
         """Micro-batches each rank accumulates per step at `world_size`: optim.accumulation_steps, or with a
         range of workers what keeps the global batch at max workers' (data.batch_size x max x accumulation)."""
@@ -75,6 +97,6 @@ class RunConfig:
         return micro_batches // world_size
 
 
-__all__ = ["RESERVED_ALIAS", "CheckpointConfig", "CompileMode", "DataConfig", "DistributedConfig", "InvalidValue",
-           "LaunchConfig", "ModelConfig", "ModelName", "OptimConfig", "PrecisionConfig", "RunConfig", "ScheduleConfig",
-           "TrackingConfig"]
+__all__ = ["DEPRECATED_KEYS", "RESERVED_ALIAS", "CheckpointConfig", "CompileMode", "DataConfig", "DistributedConfig",
+           "InvalidValue", "LaunchConfig", "ModelConfig", "ModelName", "OptimConfig", "PrecisionConfig", "RunConfig",
+           "ScheduleConfig", "TrackingConfig", "renamed_values"]

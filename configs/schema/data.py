@@ -29,10 +29,13 @@ class DataConfig:
     """dali: NVIDIA DALI decodes on the GPU (CPU threads without one); torch: the PIL DataLoader baseline."""
     batch_size: int = 256
     """Images per worker per micro-batch; the global batch is this x world size x optim.accumulation_steps."""
-    num_workers: int = 8
-    """Decoding threads (dali) or processes (torch) per training worker. DALI on one H200 with 16 cores: 12
-    threads decode 9% faster than 8, 4 threads 39% slower (BENCHMARKS.md, 9755cf5); give each GPU's worker
-    most of its share of the node's cores."""
+    dali_threads: int = 8
+    """dali: CPU threads of each training worker's pipeline (all of the decoding where there is no GPU). On
+    one H200 with 16 cores, 12 threads decode 9% faster than 8, 4 threads 39% slower (BENCHMARKS.md, 9755cf5):
+    give each GPU's worker most of its share of the node's cores. (Was data.num_workers.)"""
+    loader_workers: int = 8
+    """torch: DataLoader worker processes per training worker (0: decode on the training thread). (Was
+    data.num_workers.)"""
     reader_threads: int = 2
     """dali: threads that read the files and compute the crops of upcoming batches, off the training thread;
     0 reads them on the training thread (DALI's plain external source)."""
@@ -115,7 +118,8 @@ class DataConfig:
                  "is a URL, but data.dataset='digits' renders the digits into a local folder there; for a data set "
                  "at a URL set data.dataset='folder'")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        require(self.dali_threads >= 1, "dali_threads", self.dali_threads, "must be >= 1")
+        require(self.loader_workers >= 0, "loader_workers", self.loader_workers, "must be >= 0")
         require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")
         require(self.reader_lookahead >= 1, "reader_lookahead", self.reader_lookahead, "must be >= 1")
         require(0 <= self.dali_hw_decoder_load <= 1, "dali_hw_decoder_load", self.dali_hw_decoder_load,

@@ -167,7 +167,7 @@ def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str
                     reader_ms[variant].append(1000 * (train.reader_cpu_s - reader_start[0])
                                               / max(1, train.reader_batches - reader_start[1]))
     return DataBench(num_images=built.num_train_images, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                     num_workers=cfg.num_workers, reader_threads=cfg.reader_threads,
+                     num_workers=cfg.loader_workers, reader_threads=cfg.reader_threads,
                      dtype=str(dtype).removeprefix("torch."), source=source, images_per_s=images_per_s,
                      loader_cpu_ms_per_batch=cpu_ms, loader_wall_ms_per_batch=wall_ms,
                      reader_cpu_ms_per_batch=reader_ms)
@@ -194,7 +194,8 @@ def bench_data_command(*, root: str | None, num_images: int, batch_size: int, nu
             source = f"generated 500x375 q90, {sum(p.stat().st_size for p in Path(root).rglob('*.JPEG')) / 1e6:.0f} MB"
         else:
             source = root
-        cfg = DataConfig(dataset="folder", root=root, batch_size=batch_size, num_workers=num_workers,
-                         reader_threads=reader_threads, image_size=image_size)
+        # The same number of DALI threads and DataLoader processes: the comparison is per worker.
+        cfg = DataConfig(dataset="folder", root=root, batch_size=batch_size, dali_threads=num_workers,
+                         loader_workers=num_workers, reader_threads=reader_threads, image_size=image_size)
         result = bench_data(cfg, rounds=rounds, variants=variants, source=source)
     return result.as_json() if as_json else result.table()

@@ -156,7 +156,7 @@ def run_config(settings: GpuBenchSettings, *overrides: str) -> RunConfig:
         f"model.name={settings.model}", f"model.num_classes={settings.classes}",
         f"model.small_input={settings.image_size < 64}", f"data.image_size={settings.image_size}",
         f"data.batch_size={settings.batch_size}", f"precision.dtype={settings.precision}",
-        f"data.num_workers={settings.dali_threads}", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        f"data.dali_threads={settings.dali_threads}", "schedule.epochs=1", "schedule.warmup_epochs=0",
         f"tracking.log_interval_steps={settings.steps}", "tracking.enabled=false", "tracking.register=false",
         "distributed.strategy=none", *overrides])
 
@@ -187,9 +187,9 @@ DALI_VARIANTS: dict[str, dict[str, object]] = {
     "hw_decoder_load 0.65": {"dali_hw_decoder_load": 0.65},
     "hw_decoder_load 0.9": {"dali_hw_decoder_load": 0.9},
     "hw_decoder_load 0.99": {"dali_hw_decoder_load": 0.99},
-    "threads 4": {"num_workers": 4},
-    "threads 8": {"num_workers": 8},
-    "threads 12": {"num_workers": 12},
+    "threads 4": {"dali_threads": 4},
+    "threads 8": {"dali_threads": 8},
+    "threads 12": {"dali_threads": 12},
     "prefetch 3": {"dali_prefetch_depth": 3},
     "prefetch 5": {"dali_prefetch_depth": 5},
     "memory padding 256 MB": {"dali_memory_padding_mb": 256},
@@ -366,7 +366,8 @@ def bench_gpu(out: Path, changes: dict[str, Any] | None = None, *,
         measure(name, functools.partial(engine_row, name, cfg, device, rounds=settings.rounds))
     workers = settings.loader_workers or os.cpu_count() or 1
     loader = f"engine + DataLoader ({workers} worker{'s' if workers > 1 else ''})" + (", compiled" if gpu else "")
-    cfg = run_config(settings, *files, "data.loader=torch", f"data.num_workers={workers}", f"precision.compile={gpu}")
+    cfg = run_config(settings, *files, "data.loader=torch", f"data.loader_workers={workers}",
+                     f"precision.compile={gpu}")
     measure(loader, functools.partial(engine_row, loader, cfg, device, rounds=settings.rounds))
     if not gpu:
         add(Row("DALI mixed decoder", [], skipped="needs a GPU (the DALI rows above ran on CPU threads)"))

@@ -25,8 +25,6 @@ import torch
 
 from configs.schema import RunConfig
 
-RUNTIMES = ("eager", "torch.export", "onnxruntime")
-
 
 @dataclass(frozen=True, slots=True)
 class InferRow:

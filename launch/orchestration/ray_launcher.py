@@ -49,7 +49,7 @@ def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
     started_here = _init_ray(ray, launch.ray_address)
     use_gpu = launch.gpus_per_worker > 0
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if use_gpu else {})}
-    global_batch = cfg.data.batch_size * cfg.micro_batches_per_step
+    global_batch = cfg.global_batch_size(launch.max_workers)
     workers = (f"{launch.min_workers}-{launch.max_workers} (elastic, a global batch of {global_batch} images at "
                "every size)" if launch.elastic else str(launch.num_workers))
     print(f"run {launch.name}: {workers} Ray workers x {resources}, up to {launch.max_failures} "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from configs.extras import import_extra
+from configs.extras import import_extra, modules_of, require_extras
 
 ONNX_OPSET = 18
 """ONNX operator set of the exported graph (onnxruntime >= 1.14 runs it; torch's exporter targets >= 18)."""
@@ -25,8 +25,6 @@ ONNX_RTOL = 1e-4
 ONNX_ATOL = 1e-4
 """Parity tolerance: |onnx - torch| <= ONNX_ATOL + ONNX_RTOL x |torch| for every logit (float32 on the CPU;
 measured differences are ~1e-6, from a different order of float sums in the convolutions)."""
-ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
-"""What the extra `onnx` installs: torch's exporter needs the first two, the parity check the third."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -58,8 +56,7 @@ class Parity:
 
 def export_onnx(network: nn.Module, size: int, path: Path) -> None:
     """Write `network` (float32, on the CPU) as an ONNX graph for [N, 3, size, size] inputs, N dynamic."""
-    for module in ONNX_MODULES[:2]:  # torch's exporter imports them itself; say which extra installs them
-        import_extra(module)
+    require_extras(modules_of("onnx"))  # torch's exporter imports them itself; say which extra installs them
     network = network.eval()
     example = (torch.randn(2, 3, size, size),)
     program = torch.onnx.export(network, example, dynamo=True, opset_version=ONNX_OPSET, verbose=False,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
 
 from configs import CONFIG_DIR, ConfigError, RunConfig, dump_config, load_config
+from configs.loader import config_from_dict
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -197,3 +199,23 @@ def test_the_digits_set_is_rendered_locally_so_a_url_root_needs_a_folder_data_se
     with pytest.raises(ConfigError, match=r"data.root='http://host/digits' is a URL, but data.dataset='digits'"):
         load_config("quickstart", ["data.root=http://host/digits"])
     assert load_config("quickstart", ["data.root=http://host/digits", "data.dataset=folder"]).data.dataset == "folder"
+
+
+def test_data_num_workers_still_reads_with_a_warning_that_names_its_replacements(tmp_path: Path) -> None:
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("data:\n  num_workers: 0\n")
+    with pytest.warns(FutureWarning, match=rf"{recipe}: data.num_workers is deprecated: .*set data.dali_threads and "
+                                           "data.loader_workers instead"):
+        old = load_config(recipe)
+    assert (old.data.dali_threads, old.data.loader_workers) == (1, 0)  # what each loader ran with before
+    newer = tmp_path / "newer.yaml"
+    newer.write_text("data:\n  loader_workers: 2\n")
+    with pytest.warns(FutureWarning, match="command line: data.num_workers"):
+        given = load_config(newer, ["data.num_workers=6"])
+    assert (given.data.dali_threads, given.data.loader_workers) == (6, 2)  # an explicit new key wins
+    # A config written before the rename (a checkpoint's manifest) still loads.
+    with pytest.warns(FutureWarning):
+        assert config_from_dict({"data": {"num_workers": 4}}, "manifest.json").data.loader_workers == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("quickstart", ["data.dali_threads=3"])  # the new keys: no warning

@@ -23,7 +23,7 @@ NUM_COLOURS = 23
 
 
 def config(root: Path, **changes: object) -> DataConfig:
-    base = DataConfig(dataset="folder", root=str(root), batch_size=32, num_workers=2, image_size=32,
+    base = DataConfig(dataset="folder", root=str(root), batch_size=32, dali_threads=2, image_size=32,
                       min_crop_area=0.25, loader="dali")
     return dataclasses.replace(base, **changes)
 

@@ -17,7 +17,7 @@ from data_pipeline.prepare import read_index
 
 
 def digits_config(root: Path, **changes: object) -> DataConfig:
-    base = DataConfig(dataset="folder", root=str(root), batch_size=64, num_workers=0, image_size=32,
+    base = DataConfig(dataset="folder", root=str(root), batch_size=64, loader_workers=0, image_size=32,
                       min_crop_area=0.35, random_flip=False, loader="torch")
     return dataclasses.replace(base, **changes)
 
@@ -38,7 +38,7 @@ def test_val_loader_yields_every_image_exactly_once(digits_root: Path, loader: s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_train_loader_gives_full_normalized_channels_last_batches(digits_root: Path, loader: str,
                                                                   dtype: torch.dtype) -> None:
-    loaders = build_loaders(digits_config(digits_root, loader=loader, num_workers=1), seed=0, dtype=dtype)
+    loaders = build_loaders(digits_config(digits_root, loader=loader, loader_workers=1), seed=0, dtype=dtype)
     assert len(loaders.train) == 1442 // 64
     images, labels = next(loaders.train.iter_epoch(0))
     assert images.shape == (64, 3, 32, 32) and images.dtype == dtype
@@ -48,15 +48,16 @@ def test_train_loader_gives_full_normalized_channels_last_batches(digits_root: P
 
 
 def first_batch(root: Path, loader: str, *, seed: int = 0, epoch: int = 0,
-                num_workers: int = 0) -> tuple[torch.Tensor, ...]:
-    loaders = build_loaders(digits_config(root, num_workers=num_workers, loader=loader), seed=seed)
+                workers: int = 0) -> tuple[torch.Tensor, ...]:
+    loaders = build_loaders(digits_config(root, loader_workers=workers, dali_threads=max(1, workers), loader=loader),
+                            seed=seed)
     return tuple(next(loaders.train.iter_epoch(epoch)))
 
 
 def test_train_batches_follow_the_seed_and_epoch_not_the_worker_count(digits_root: Path, loader: str) -> None:
-    images, labels = first_batch(digits_root, loader, num_workers=1)
+    images, labels = first_batch(digits_root, loader, workers=1)
     # Augmentation is seeded per sample, so decoding in 2 worker processes (threads for DALI) gives the same.
-    images_workers, labels_workers = first_batch(digits_root, loader, num_workers=2)
+    images_workers, labels_workers = first_batch(digits_root, loader, workers=2)
     assert torch.equal(labels, labels_workers) and torch.equal(images, images_workers)
     assert not torch.equal(labels, first_batch(digits_root, loader, seed=1)[1])
     assert not torch.equal(labels, first_batch(digits_root, loader, epoch=1)[1])

@@ -74,8 +74,8 @@ def test_quirky_images_are_kept_and_broken_files_are_reported(tmp_path: Path,
     # Training reads the index only: every image it names decodes, in every mode, to a 3-channel tensor,
     # with either loader.
     for loader in ("torch", "dali"):
-        cfg = DataConfig(dataset="folder", root=str(tmp_path), batch_size=7, num_workers=1, image_size=16,
-                         loader=loader)
+        cfg = DataConfig(dataset="folder", root=str(tmp_path), batch_size=7, dali_threads=1, loader_workers=1,
+                         image_size=16, loader=loader)
         loaders = build_loaders(cfg, seed=0)
         images, labels = next(loaders.train.iter_epoch(0))
         assert images.shape == (7, 3, 16, 16) and sorted(labels.tolist()) == [0] * 6 + [1]

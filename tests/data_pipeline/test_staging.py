@@ -51,7 +51,7 @@ def test_a_data_set_at_a_url_is_staged_once_and_resumes_after_an_interruption(se
                for path in images[:4])
 
     # Training reads the staged copy when data.root is the URL.
-    cfg = DataConfig(dataset="folder", root=url, stage_dir=str(tmp_path), batch_size=64, num_workers=1,
+    cfg = DataConfig(dataset="folder", root=url, stage_dir=str(tmp_path), batch_size=64, dali_threads=1,
                      image_size=32, loader="dali")
     loaders = build_loaders(cfg, seed=0)
     assert (loaders.num_train_images, loaders.num_val_images) == (1442, 355)

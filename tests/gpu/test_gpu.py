@@ -56,7 +56,7 @@ def test_dali_mixed_decoding_matches_the_cpu_pipeline(digits_root: Path) -> None
     require("nvidia.dali")
     from data_pipeline import build_loaders
 
-    cfg = DataConfig(dataset="folder", root=str(digits_root), batch_size=32, num_workers=2, image_size=32,
+    cfg = DataConfig(dataset="folder", root=str(digits_root), batch_size=32, dali_threads=2, image_size=32,
                      loader="dali")
     gpu = single_process_context().device
     for split in ("train", "val"):
@@ -78,7 +78,7 @@ def test_every_dali_setting_delivers_the_same_images(digits_root: Path) -> None:
     require("nvidia.dali")
     from data_pipeline import build_loaders
 
-    base = DataConfig(dataset="folder", root=str(digits_root), batch_size=32, num_workers=2, image_size=32,
+    base = DataConfig(dataset="folder", root=str(digits_root), batch_size=32, dali_threads=2, image_size=32,
                       loader="dali")
     gpu = single_process_context().device
 

@@ -24,7 +24,7 @@ def trained(digits_root: Path) -> Trained:
     # Untrained weights, but the network, preprocessing and images of a digits run: parity does not depend on
     # what the weights learnt. A few BatchNorm statistics are moved off their initial values so the graph's
     # folded normalisation is exercised.
-    cfg = load_config("quickstart", [f"data.root={digits_root}", "data.loader=torch", "data.num_workers=0"])
+    cfg = load_config("quickstart", [f"data.root={digits_root}", "data.loader=torch", "data.loader_workers=0"])
     torch.manual_seed(0)
     network = build_model(cfg.model)
     for module in network.modules():

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 # 2 epochs of 22 steps of 2 x 32 images at 8 px; checkpoints every 5 steps and at each epoch's end.
-COMMON = ["data.image_size=8", "data.batch_size=32", "data.num_workers=1", "distributed.strategy=ddp",
+COMMON = ["data.image_size=8", "data.batch_size=32", "data.dali_threads=1", "distributed.strategy=ddp",
           "schedule.epochs=2", "checkpoint.interval_steps=5", "checkpoint.keep_last=2",
           "tracking.log_interval_steps=5", "tracking.register=false"]
 TOTAL_STEPS = 44
@@ -322,6 +322,12 @@ def ray_job(dashboard: str, *args: str) -> list[str]:
             str(REPO), "--", sys.executable, "-m", "launch", "train", *args]
 
 
+class Never:
+    """Stands in for "no checkpoint yet" in a comparison of steps."""
+
+    step = -1
+
+
 def wait_until(condition: Callable[[], bool], what: str, job: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -360,7 +366,11 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
             cluster.remove_node(second)  # a lost node: its worker and everything else on it die
             wait_until(lambda: [s.world_size for s in read_starts(run_dir)][-1:] == [1], "a restart with 1 worker",
                        job)
-            # A node joins: the group grows back at its next resize check.
+            # The lone worker commits a checkpoint of its own (its reports, the resize among them, reached the
+            # tracking server by then), then a node joins: the group grows back at its next resize check.
+            shrunk_at = read_starts(run_dir)[-1].step
+            wait_until(lambda: (checkpoints.latest() or Never).step > shrunk_at, "a checkpoint of the lone worker",
+                       job)
             cluster.add_node(num_cpus=1, env_vars={STAGE_ENV: str(tmp_path / "stage" / "third")})
             job.wait(timeout=600)
         finally:

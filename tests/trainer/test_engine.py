@@ -36,7 +36,7 @@ class RecordingSink:
 
 
 def val_loader(root: Path, batch_size: int):  # noqa: ANN201
-    cfg = DataConfig(root=str(root), batch_size=batch_size, num_workers=0, image_size=32)
+    cfg = DataConfig(root=str(root), batch_size=batch_size, dali_threads=1, image_size=32)
     return build_loaders(cfg, seed=0).val
 
 
@@ -90,7 +90,7 @@ def test_flip_averaging_scores_the_mean_logits_of_each_image_and_its_mirror_imag
 
 def quick_overrides(root: Path, runs: Path) -> list[str]:
     return [f"data.root={root}", "data.dataset=folder", "data.image_size=16", "data.batch_size=64",
-            "data.num_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0.2", "optim.lr=0.05",
+            "data.dali_threads=1", "schedule.epochs=1", "schedule.warmup_epochs=0.2", "optim.lr=0.05",
             "tracking.log_interval_steps=10", f"launch.runs_dir={runs}"]
 
 
@@ -106,7 +106,7 @@ def test_one_epoch_reports_progress_and_evaluates(digits_root: Path, tmp_path: P
     assert all({"loss", "lr", "images_per_s", "eta_s", "epoch"} <= set(m) for _, m in train_reports)
     assert train_reports[-1][1]["eta_s"] == 0 and train_reports[-1][1]["epoch"] == 1.0
     assert [m["progress"] for _, m in train_reports] == [10 / 22, 20 / 22, 1.0]
-    # Decoding in the main process (num_workers=0) keeps the step waiting for data part of the time.
+    # Decoding on one DALI thread keeps the step waiting for data part of the time.
     assert all(0 < m["data_wait_share"] < 1 for _, m in train_reports)
     step, val = sink.reports[-1]
     reached = {key: val.pop(key) for key in list(val) if key.startswith(("time_to_top1_", "device_hours_to_top1_"))}
