@@ -9,7 +9,8 @@ augmentation operations and the random-erasing box are drawn the same way, from 
 
 All of it is drawn for a whole batch at once (`plan_batch`): numpy over arrays of seeds with a counter-based
 generator, instead of a Python generator and loop per image, so that preparing a batch of 256 costs the
-reader thread well under a millisecond (bench data: reader CPU ms per batch).
+reader thread well under a millisecond (bench data: reader CPU ms per batch). The generator is
+`draws.py`'s; the automatic augmentation's operations and magnitudes are `auto_augment.py`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from configs.schema import DataConfig
+from data_pipeline.auto_augment import AugmentDraws, auto_augments_for
+from data_pipeline.draws import CROP_STREAM, ERASE_STREAM, below, uniform_draws
 
 if TYPE_CHECKING:
     from data_pipeline.index import SplitIndex
@@ -58,35 +61,8 @@ class Crops(NamedTuple):
         return Crop(int(self.left[i]), int(self.top[i]), int(self.width[i]), int(self.height[i]), bool(self.flip[i]))
 
 
-# Streams of draws: each augmentation has its own, so turning one on leaves the others' draws unchanged.
-CROP_STREAM, AUTO_AUGMENT_STREAM, ERASE_STREAM = 1, 2, 3
 _TRIES = 10
 """Tries at a random window (torchvision's RandomResizedCrop and RandomErasing rule)."""
-
-
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser over a uint64 array (wrapping arithmetic): a bijection whose outputs look random."""
-    values = values ^ (values >> np.uint64(30))
-    values = values * np.uint64(0xBF58476D1CE4E5B9)
-    values = values ^ (values >> np.uint64(27))
-    values = values * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
-
-
-def uniform_draws(seeds: np.ndarray, *, stream: int, count: int) -> np.ndarray:
-    """`count` uniform floats in [0, 1) per sample seed, [len(seeds), count]: a counter-based generator
-    (splitmix64 of seed, stream and draw number), so a whole batch is drawn in a few numpy operations and
-    each value depends on its own sample's seed alone (not on the batch it is drawn in)."""
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    keys = _mix64(np.asarray(seeds, dtype=np.uint64) * golden + np.uint64(stream))
-    counters = np.arange(1, count + 1, dtype=np.uint64) * golden
-    bits = _mix64(keys[:, None] + counters[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _below(draws: np.ndarray, bounds: np.ndarray | int) -> np.ndarray:
-    """Integers uniform in [0, bounds) from uniform draws in [0, 1)."""
-    return np.minimum((draws * bounds).astype(np.int64), bounds - 1)
 
 
 def train_crops(widths: np.ndarray, heights: np.ndarray, seeds: np.ndarray, *, min_area: float,
@@ -113,9 +89,9 @@ def train_crops(widths: np.ndarray, heights: np.ndarray, seeds: np.ndarray, *, m
                             heights)
     width = np.where(found, crop_widths[rows, first], whole_width).astype(np.int64)
     height = np.where(found, crop_heights[rows, first], whole_height).astype(np.int64)
-    top = np.where(found, _below(u[:, 2 * _TRIES:3 * _TRIES][rows, first], heights - height + 1),
+    top = np.where(found, below(u[:, 2 * _TRIES:3 * _TRIES][rows, first], heights - height + 1),
                    (heights - height) // 2)
-    left = np.where(found, _below(u[:, 3 * _TRIES:4 * _TRIES][rows, first], widths - width + 1),
+    left = np.where(found, below(u[:, 3 * _TRIES:4 * _TRIES][rows, first], widths - width + 1),
                     (widths - width) // 2)
     flips = np.full(len(widths), flip) & (u[:, -1] < 0.5)
     return Crops(left, top, width, height, flips)
@@ -148,113 +124,6 @@ def val_crop(width: int, height: int, *, crop_ratio: float) -> Crop:
     return val_crops(np.array([width]), np.array([height]), crop_ratio=crop_ratio).crop(0)
 
 
-AUTO_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-                    "contrast", "sharpness", "posterize", "solarize", "auto_contrast", "equalize")
-"""The operations TrivialAugmentWide and RandAugment choose from (the same 14 in both); an `AugmentOp` names one
-by its index here."""
-NUM_MAGNITUDE_BINS = 31
-"""Strengths are bins 0..30 of each operation's magnitude range (torchvision's and DALI's default)."""
-
-
-class MagnitudeRange(NamedTuple):
-    """The magnitudes of bins 0..30 of one operation: evenly spaced from `low` to `high`; `signed`: negated
-    for half the draws."""
-
-    low: float
-    high: float
-    signed: bool
-
-
-_ENHANCE = ("brightness", "color", "contrast", "sharpness")  # parameter: factor 1 + magnitude
-_NO_MAGNITUDE = MagnitudeRange(0.0, 0.0, False)
-
-
-def _ranges(*, shear: float, translate: float, rotate: float, enhance: float,
-            posterize_bits: int) -> dict[str, MagnitudeRange]:
-    ranges = {"identity": _NO_MAGNITUDE, "shear_x": MagnitudeRange(0, shear, True),
-              "shear_y": MagnitudeRange(0, shear, True), "translate_x": MagnitudeRange(0, translate, True),
-              "translate_y": MagnitudeRange(0, translate, True), "rotate": MagnitudeRange(0, rotate, True),
-              "posterize": MagnitudeRange(8, posterize_bits, False), "solarize": MagnitudeRange(255, 0, False),
-              "auto_contrast": _NO_MAGNITUDE, "equalize": _NO_MAGNITUDE}
-    ranges.update({name: MagnitudeRange(0, enhance, True) for name in _ENHANCE})
-    if sorted(ranges) != sorted(AUTO_AUGMENT_OPS):
-        raise RuntimeError(f"magnitude ranges {sorted(ranges)} do not cover the operations {AUTO_AUGMENT_OPS}")
-    return ranges
-
-
-MAGNITUDE_RANGES = {
-    # torchvision's augmentation spaces (transforms.v2.TrivialAugmentWide, RandAugment). Units: shear factor
-    # (x += factor * y), translation as a fraction of the image side (TrivialAugmentWide's 32 px of 224),
-    # degrees, enhancement factor 1 + magnitude, bits kept, solarize threshold.
-    "trivial": _ranges(shear=0.99, translate=32 / 224, rotate=135, enhance=0.99, posterize_bits=2),
-    "rand": _ranges(shear=0.3, translate=150 / 331, rotate=30, enhance=0.9, posterize_bits=4),
-}
-"""Magnitude range of each operation, per policy: the one definition both loaders apply."""
-AUTO_AUGMENT_FILL = 128
-"""Grey value of the pixels that shears, translations and rotations move in (DALI's default)."""
-
-
-class AugmentOp(NamedTuple):
-    """One automatic-augmentation operation for one image."""
-
-    op: int
-    """Index into AUTO_AUGMENT_OPS."""
-    magnitude_bin: int
-    """Strength, 0..NUM_MAGNITUDE_BINS - 1."""
-    negate: bool
-    """Negate the magnitude (only for operations with a signed range)."""
-
-    @property
-    def name(self) -> str:
-        return AUTO_AUGMENT_OPS[self.op]
-
-    def magnitude(self, policy: str) -> float:
-        """The operation's signed magnitude under `policy` ("trivial" or "rand")."""
-        low, high, signed = MAGNITUDE_RANGES[policy][self.name]
-        value = low + (high - low) * self.magnitude_bin / (NUM_MAGNITUDE_BINS - 1)
-        return -value if signed and self.negate else value
-
-
-def num_auto_augment_ops(cfg: DataConfig) -> int:
-    """Operations applied to each training image, one after the other: 0 (off), 1 (TrivialAugmentWide) or
-    rand_augment_ops (RandAugment)."""
-    return {"none": 0, "trivial": 1, "rand": cfg.rand_augment_ops}[cfg.auto_augment]
-
-
-class AugmentDraws(NamedTuple):
-    """The automatic-augmentation operations of a batch: int32 arrays [batch, num_auto_augment_ops]."""
-
-    op: np.ndarray
-    """Indices into AUTO_AUGMENT_OPS, one per level."""
-    magnitude_bin: np.ndarray
-    negate: np.ndarray
-    """1: negate the magnitude (operations with a signed range only)."""
-
-    def ops(self, i: int) -> tuple[AugmentOp, ...]:
-        """Image `i`'s operations, in order."""
-        levels = zip(self.op[i].tolist(), self.magnitude_bin[i].tolist(), self.negate[i].tolist(), strict=True)
-        return tuple(AugmentOp(op, magnitude_bin, bool(negate)) for op, magnitude_bin, negate in levels)
-
-
-def auto_augments_for(seeds: np.ndarray, cfg: DataConfig) -> AugmentDraws:
-    """The `num_auto_augment_ops` operations of each training image of a batch, from the samples' seeds (a stream
-    of their own: the crops' draws are unchanged by turning this on)."""
-    levels = num_auto_augment_ops(cfg)
-    u = uniform_draws(seeds, stream=AUTO_AUGMENT_STREAM, count=3 * levels)
-    op = _below(u[:, :levels], len(AUTO_AUGMENT_OPS))
-    if cfg.auto_augment == "trivial":
-        magnitude_bin = _below(u[:, levels:2 * levels], NUM_MAGNITUDE_BINS)
-    else:
-        magnitude_bin = np.full_like(op, cfg.rand_augment_magnitude)
-    negate = u[:, 2 * levels:] < 0.5
-    return AugmentDraws(op.astype(np.int32), magnitude_bin.astype(np.int32), negate.astype(np.int32))
-
-
-def auto_augment_for(cfg: DataConfig, *, seed: int) -> tuple[AugmentOp, ...]:
-    """The operations of one training image (`auto_augments_for` of a batch of one)."""
-    return auto_augments_for(np.array([seed], dtype=np.uint64), cfg).ops(0)
-
-
 class Box(NamedTuple):
     """A rectangle of an output image, in pixels."""
 
@@ -284,8 +153,8 @@ def erase_boxes_for(size: int, seeds: np.ndarray, cfg: DataConfig) -> np.ndarray
     rows, first = np.arange(len(u)), fits.argmax(axis=1)
     erased = (u[:, 0] < cfg.random_erasing_prob) & fits[rows, first]
     height, width = heights[rows, first], widths[rows, first]
-    top = _below(u[:, 2 * _TRIES + 1:3 * _TRIES + 1][rows, first], size - height + 1)
-    left = _below(u[:, 3 * _TRIES + 1:][rows, first], size - width + 1)
+    top = below(u[:, 2 * _TRIES + 1:3 * _TRIES + 1][rows, first], size - height + 1)
+    left = below(u[:, 3 * _TRIES + 1:][rows, first], size - width + 1)
     return np.stack([top, left, height, width], axis=1) * erased[:, None]
 
 

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from configs.schema import DataConfig
-from data_pipeline.augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, IMAGENET_MEAN, IMAGENET_STD,
-                                   MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, BatchPlanner, num_auto_augment_ops)
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, BatchPlanner
+from data_pipeline.auto_augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS,
+                                        num_auto_augment_ops)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
 
@@ -95,7 +96,7 @@ def apply_auto_augment(images: Any, op: Any, magnitude_bin: Any, negate: Any, *,
                        cfg: DataConfig) -> Any:
     """The automatic augmentation of a batch of uint8 HWC images: for each level, DALI's auto_aug operation of
     each sample's `op` (indices into AUTO_AUGMENT_OPS, one per level) at its magnitude bin and sign, with the
-    magnitude ranges of `augment.MAGNITUDE_RANGES` (DALI's `select` runs each operation on its samples
+    magnitude ranges of `auto_augment.MAGNITUDE_RANGES` (DALI's `select` runs each operation on its samples
     only). `shape`: the images' (height, width)."""
     from nvidia.dali.auto_aug import augmentations
     from nvidia.dali.auto_aug.core import select, signed_bin

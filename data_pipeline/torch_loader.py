@@ -14,8 +14,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from configs.schema import DataConfig
-from data_pipeline.augment import (AUTO_AUGMENT_FILL, IMAGENET_MEAN, IMAGENET_STD, AugmentOp, BatchPlanner, Box, Crop,
-                                   erase_box_of)
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, BatchPlanner, Box, Crop, erase_box_of
+from data_pipeline.auto_augment import AUTO_AUGMENT_FILL, AugmentOp
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import ShardedBatchSampler
 

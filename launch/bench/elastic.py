@@ -66,7 +66,8 @@ def bench_elastic(*, data_root: str, scratch: Path, resize_interval_s: float,
     """Run the job described in the module docstring and measure its two resizes."""
     cluster_utils = import_extra("ray.cluster_utils")
     run_dir = scratch / "elastic"
-    args = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32", "data.dali_threads=1",
+    args = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32",
+            "data.dali_threads=1", "data.loader_workers=1",
             "distributed.strategy=ddp", "schedule.epochs=3", "checkpoint.interval_steps=5",
             "tracking.log_interval_steps=1", "tracking.enabled=false", f"launch.runs_dir={scratch}",
             "launch.name=elastic", "launch.num_workers=[1, 2]", "launch.max_failures=4",

@@ -18,15 +18,12 @@ that need a GPU say why they were skipped: that is how the CPU test suite runs i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -35,9 +32,10 @@ import torch
 
 from configs.errors import ConfigError
 from configs.loader import load_config
-from configs.schema import DataConfig, RunConfig
-from launch.bench import spread, synchronize, trust_warning
-from launch.bench.gpu_watch import GpuWatch, TimedReports, machine_facts
+from configs.schema import RunConfig
+from launch.bench import spread, trust_warning
+from launch.bench.gpu_dali import DALI_VARIANTS, dali_alone_row, dali_variants
+from launch.bench.gpu_watch import GpuWatch, Row, TimedReports, machine_facts
 from launch.bench.step import bare_rounds
 
 
@@ -69,28 +67,6 @@ class GpuBenchSettings:
         """A configuration a 2-core CPU runs in about a minute."""
         return cls(model="resnet18", image_size=16, batch_size=8, precision="fp32", steps=3, rounds=2,
                    images=96, classes=4, dali_threads=1, loader_workers=1)
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One measured configuration, or why it was skipped."""
-
-    name: str
-    images_per_s: list[float]
-    """Each timed round's images/s (empty when skipped)."""
-    data_wait_share: float | None = None
-    """Median share of the step time spent waiting for data (engine rows)."""
-    peak_memory_gb: float | None = None
-    """torch's peak allocated GPU memory during the row."""
-    gpu_utilisation: float | None = None
-    """Mean GPU utilisation during the row, in percent (NVML)."""
-    mfu: float | None = None
-    """Model FLOPs utilisation of the median: training FLOP/s over the device's dense bf16/fp16 peak (GPUs of
-    the peak table)."""
-    skipped: str | None = None
-    """Why the row did not run."""
-    notes: str = ""
-    """What else was measured (first-step time, the DALI reader threads' CPU time per batch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,63 +157,6 @@ def engine_row(name: str, cfg: RunConfig, device: torch.device, *, rounds: int) 
                data_wait_share=statistics.median(report["data_wait_share"] for report in timed),
                peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation(),
                notes="" if first_step_s is None else f"first step {first_step_s:.1f} s")
-
-
-DALI_VARIANTS: dict[str, dict[str, object]] = {
-    "hw_decoder_load 0.65": {"dali_hw_decoder_load": 0.65},
-    "hw_decoder_load 0.9": {"dali_hw_decoder_load": 0.9},
-    "hw_decoder_load 0.99": {"dali_hw_decoder_load": 0.99},
-    "threads 4": {"dali_threads": 4},
-    "threads 8": {"dali_threads": 8},
-    "threads 12": {"dali_threads": 12},
-    "prefetch 3": {"dali_prefetch_depth": 3},
-    "prefetch 5": {"dali_prefetch_depth": 5},
-    "memory padding 256 MB": {"dali_memory_padding_mb": 256},
-    "full decode + slice": {"dali_decode": "full"},
-    "reader threads 4": {"reader_threads": 4},
-}
-"""The DALI section's variants: one setting each, changed from the configured defaults (a variant that equals
-them is left out)."""
-
-
-def dali_variants(cfg: DataConfig) -> dict[str, dict[str, object]]:
-    """The configured settings ("configured") and each variant of DALI_VARIANTS that differs from them."""
-    variants: dict[str, dict[str, object]] = {"configured": {}}
-    for name, changes in DALI_VARIANTS.items():
-        if any(getattr(cfg, key) != value for key, value in changes.items()):
-            variants[name] = changes
-    return variants
-
-
-def dali_alone_row(name: str, cfg: DataConfig, device: torch.device, *, steps: int, rounds: int) -> Row:
-    """The DALI pipeline alone, no model: `rounds` timed rounds of `steps` batches after one warm-up round,
-    epoch after epoch over the files. Notes the reader threads' CPU time per batch (the external source's
-    preparation of files, windows and draws)."""
-    from data_pipeline import build_loaders
-    from data_pipeline.dali import DaliLoader
-
-    loaders = build_loaders(cfg, seed=0, device=device, dtype=torch.float16)
-    train = loaders.train
-    assert isinstance(train, DaliLoader)
-
-    def batches() -> Iterator[object]:
-        for epoch in itertools.count():
-            yield from train.iter_epoch(epoch)
-
-    stream = batches()
-    watch = GpuWatch(device)
-    rates = []
-    for round_ in range(rounds + 1):
-        with watch.timed() if round_ else contextlib.nullcontext():
-            start = time.perf_counter()
-            for _ in range(steps):
-                next(stream)
-            synchronize(device)
-            if round_:
-                rates.append(steps * cfg.batch_size / (time.perf_counter() - start))
-    reader_ms = 1000 * train.reader_cpu_s / max(1, train.reader_batches)
-    return Row(name, rates, peak_memory_gb=watch.peak_memory_gb(), gpu_utilisation=watch.utilisation(),
-               notes=f"reader CPU {reader_ms:.2f} ms/batch")
 
 
 def with_mfu(row: Row, settings: GpuBenchSettings, device_name: str) -> Row:

@@ -1,6 +1,6 @@
 """What `bench gpu` and the other benches record of the machine and its GPU while they measure: the
 machine's facts (device, driver, versions), GPU memory and NVML utilisation sampled only inside timed
-rounds, and the reports of timed rounds."""
+rounds, the reports of timed rounds, and the `Row` a measurement becomes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,33 @@ import statistics
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from launch.bench.step import ReportRecorder
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One measured configuration, or why it was skipped."""
+
+    name: str
+    images_per_s: list[float]
+    """Each timed round's images/s (empty when skipped)."""
+    data_wait_share: float | None = None
+    """Median share of the step time spent waiting for data (engine rows)."""
+    peak_memory_gb: float | None = None
+    """torch's peak allocated GPU memory during the row."""
+    gpu_utilisation: float | None = None
+    """Mean GPU utilisation during the row, in percent (NVML)."""
+    mfu: float | None = None
+    """Model FLOPs utilisation of the median: training FLOP/s over the device's dense bf16/fp16 peak (GPUs of
+    the peak table)."""
+    skipped: str | None = None
+    """Why the row did not run."""
+    notes: str = ""
+    """What else was measured (first-step time, the DALI reader threads' CPU time per batch)."""
 
 
 def machine_facts(device: torch.device) -> dict[str, str]:

@@ -49,7 +49,8 @@ def bench_launch(*, data_root: str, scratch: Path, workers: int = 2) -> LaunchBe
 
     import psutil
 
-    common = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32", "data.dali_threads=1",
+    common = [f"data.root={data_root}", "data.image_size=8", "data.batch_size=32",
+              "data.dali_threads=1", "data.loader_workers=1",
               "distributed.strategy=ddp", f"launch.num_workers={workers}", "tracking.log_interval_steps=1",
               "checkpoint.interval_steps=5", "schedule.epochs=1", "tracking.register=false",
               f"launch.runs_dir={scratch}"]

@@ -12,8 +12,9 @@ import torch
 from torchvision.transforms import v2
 
 from configs.schema import DataConfig
-from data_pipeline.augment import (AUTO_AUGMENT_OPS, ERASE_AREAS, MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, AugmentOp,
-                                   auto_augment_for, crop_for, erase_box_for, plan_batch)
+from data_pipeline.augment import ERASE_AREAS, crop_for, erase_box_for, plan_batch
+from data_pipeline.auto_augment import (AUTO_AUGMENT_OPS, MAGNITUDE_RANGES, NUM_MAGNITUDE_BINS, AugmentOp,
+                                        auto_augment_for)
 
 SEEDS = range(3000)
 

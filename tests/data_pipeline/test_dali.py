@@ -14,7 +14,8 @@ from PIL import Image
 
 from configs.schema import DataConfig
 from data_pipeline import DatasetError, build_loaders
-from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, auto_augment_for, erase_box_for
+from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, erase_box_for
+from data_pipeline.auto_augment import auto_augment_for
 from data_pipeline.prepare import prepare_index
 from data_pipeline.dali import DaliLoader
 from data_pipeline.sharding import SampleKey

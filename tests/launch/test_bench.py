@@ -77,7 +77,8 @@ def test_bench_gpu_runs_its_tiny_configuration_on_a_cpu_and_says_what_it_skipped
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from launch.bench.gpu import GpuBenchSettings, dali_variants, run_config
+    from launch.bench.gpu import GpuBenchSettings, run_config
+    from launch.bench.gpu_dali import dali_variants
 
     if torch.cuda.is_available():
         pytest.skip("this test runs the CPU configuration; tests/gpu runs the GPU one")
@@ -113,7 +114,8 @@ def test_bench_gpu_runs_its_tiny_configuration_on_a_cpu_and_says_what_it_skipped
 
 
 def test_bench_gpu_mfu_is_training_flops_over_the_peak() -> None:
-    from launch.bench.gpu import GpuBenchSettings, Row, with_mfu
+    from launch.bench.gpu import GpuBenchSettings, with_mfu
+    from launch.bench.gpu_watch import Row
     from trainer.models import resnet50
     from trainer.models.flops import training_flops_per_image
 

@@ -51,7 +51,8 @@ def test_data_digits_command_renders_and_reports(tmp_path: Path, capsys: pytest.
 def test_diverging_training_exits_3_with_the_reason(tmp_path: Path, digits_root: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", "--launcher", "torchrun", f"launch.runs_dir={tmp_path}", f"data.root={digits_root}",
-                 "data.image_size=8", "data.batch_size=64", "data.dali_threads=1", "optim.lr=1e30",
+                 "data.image_size=8", "data.batch_size=64",
+                 "data.dali_threads=1", "data.loader_workers=0", "optim.lr=1e30",
                  "schedule.warmup_epochs=0",
                  "optim.max_nonfinite_steps=3"])
     assert code == 3

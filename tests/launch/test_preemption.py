@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 def train_command(digits_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "launch", "train", "--launcher", "torchrun", f"data.root={digits_root}",
             "data.image_size=8", "data.batch_size=16", "launch.num_workers=1", "distributed.strategy=none",
-            "data.dali_threads=1", "schedule.epochs=1", "tracking.log_interval_steps=5", "tracking.register=false",
+
+            "data.dali_threads=1", "data.loader_workers=0",
+            "schedule.epochs=1", "tracking.log_interval_steps=5", "tracking.register=false",
             f"launch.runs_dir={runs}", f"launch.name={name}",
             *extra]
 

@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 # 2 epochs of 22 steps of 2 x 32 images at 8 px; checkpoints every 5 steps and at each epoch's end.
-COMMON = ["data.image_size=8", "data.batch_size=32", "data.dali_threads=1", "distributed.strategy=ddp",
+COMMON = ["data.image_size=8", "data.batch_size=32",
+          "data.dali_threads=1", "data.loader_workers=1", "distributed.strategy=ddp",
           "schedule.epochs=2", "checkpoint.interval_steps=5", "checkpoint.keep_last=2",
           "tracking.log_interval_steps=5", "tracking.register=false"]
 TOTAL_STEPS = 44

@@ -28,7 +28,7 @@ def test_the_final_best_or_ema_weights_are_registered_with_their_own_scores(digi
     def config(*extra: str) -> RunConfig:
         return load_config("quickstart", [
             f"data.root={digits_root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=64",
-            "data.dali_threads=1", "optim.ema_decay=0.9", f"checkpoint.url={checkpoints}",
+            "data.dali_threads=1", "data.loader_workers=0", "optim.ema_decay=0.9", f"checkpoint.url={checkpoints}",
             "checkpoint.keep_last=1", *extra])
 
     train(config("schedule.epochs=1"), single_process_context(), [])

@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 def args(root: Path, runs: Path, *extra: str) -> list[str]:
     # 22 steps of 64 per epoch at 8 px; no tracking: these tests are about run folders and checkpoints.
     return ["train", "--launcher", "torchrun", f"data.root={root}", "data.image_size=8", "data.batch_size=64",
-            "data.dali_threads=1", "schedule.epochs=1", "tracking.enabled=false", "tracking.register=false",
+
+            "data.dali_threads=1", "data.loader_workers=0",
+            "schedule.epochs=1", "tracking.enabled=false", "tracking.register=false",
             "tracking.log_interval_steps=11", f"launch.runs_dir={runs}", *extra]
 
 

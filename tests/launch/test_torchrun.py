@@ -20,7 +20,7 @@ def test_torchrun_trains_one_run_with_two_ranks(digits_root: Path, tmp_path: Pat
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "launch", "train",
                "--launcher", "torchrun", f"data.root={digits_root}", "data.image_size=8", "data.batch_size=16",
-               "data.dali_threads=1", "schedule.epochs=1", "tracking.register=false",
+               "data.dali_threads=1", "data.loader_workers=0", "schedule.epochs=1", "tracking.register=false",
                "distributed.strategy=ddp",
                f"launch.runs_dir={tmp_path}", "tracking.log_interval_steps=15"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False, timeout=600,

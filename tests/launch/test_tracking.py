@@ -88,7 +88,8 @@ def train(*args: str) -> subprocess.Popen[bytes]:
 
 
 def common(root: Path, runs: Path, uri: str, name: str) -> list[str]:
-    return [f"data.root={root}", "data.image_size=8", "data.batch_size=64", "data.dali_threads=1", "schedule.epochs=1",
+    return [f"data.root={root}", "data.image_size=8", "data.batch_size=64",
+            "data.dali_threads=1", "data.loader_workers=1", "schedule.epochs=1",
             "tracking.promote_alias=null",
             "tracking.log_interval_steps=5", f"tracking.uri={uri}", "tracking.experiment=tests",
             f"launch.runs_dir={runs}", f"launch.name={name}"]

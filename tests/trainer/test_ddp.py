@@ -22,7 +22,7 @@ def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
     # Global batch 64: 2 ranks x 32, or 1 rank x 2 micro-batches of 32 (each BatchNorm sees 32 images either way).
     return load_config("quickstart", [
         f"data.root={root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=32",
-        "data.dali_threads=1", "schedule.epochs=1", f"checkpoint.url={checkpoint_dir}", *extra,
+        "data.dali_threads=1", "data.loader_workers=0", "schedule.epochs=1", f"checkpoint.url={checkpoint_dir}", *extra,
     ])
 
 

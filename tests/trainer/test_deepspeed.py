@@ -29,7 +29,7 @@ COMMON = ["schedule.epochs=2", "checkpoint.interval_steps=14", "checkpoint.keep_
 def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
     return load_config("quickstart", [
         f"data.root={root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=32",
-        "data.dali_threads=1", f"checkpoint.url={checkpoint_dir}", *COMMON, *extra,
+        "data.dali_threads=1", "data.loader_workers=0", f"checkpoint.url={checkpoint_dir}", *COMMON, *extra,
     ])
 
 

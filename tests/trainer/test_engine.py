@@ -36,7 +36,7 @@ class RecordingSink:
 
 
 def val_loader(root: Path, batch_size: int):  # noqa: ANN201
-    cfg = DataConfig(root=str(root), batch_size=batch_size, dali_threads=1, image_size=32)
+    cfg = DataConfig(root=str(root), batch_size=batch_size, dali_threads=1, loader_workers=0, image_size=32)
     return build_loaders(cfg, seed=0).val
 
 
@@ -90,7 +90,9 @@ def test_flip_averaging_scores_the_mean_logits_of_each_image_and_its_mirror_imag
 
 def quick_overrides(root: Path, runs: Path) -> list[str]:
     return [f"data.root={root}", "data.dataset=folder", "data.image_size=16", "data.batch_size=64",
-            "data.dali_threads=1", "schedule.epochs=1", "schedule.warmup_epochs=0.2", "optim.lr=0.05",
+
+            "data.dali_threads=1", "data.loader_workers=0",
+            "schedule.epochs=1", "schedule.warmup_epochs=0.2", "optim.lr=0.05",
             "tracking.log_interval_steps=10", f"launch.runs_dir={runs}"]
 
 

@@ -43,7 +43,7 @@ def test_fine_tuning_from_a_digits_checkpoint_beats_training_from_scratch_side_b
     def config(name: str, *extra: str) -> RunConfig:
         return load_config("quickstart", [
             f"data.root={digits_root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=64",
-            "data.dali_threads=1", "schedule.epochs=1", "schedule.warmup_epochs=0",
+            "data.dali_threads=1", "data.loader_workers=0", "schedule.epochs=1", "schedule.warmup_epochs=0",
             f"checkpoint.url={tmp_path / name}", *extra])
 
     source = train(config("source", "schedule.epochs=3"), single_process_context(), [])

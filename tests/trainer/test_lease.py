@@ -230,7 +230,8 @@ def test_a_trainer_that_was_taken_over_raises_at_its_next_save_and_commits_nothi
     url = str(tmp_path / "checkpoints")
     # 22 steps per epoch; reports every 5 steps, checkpoints every 10.
     cfg = load_config("quickstart", [f"data.root={digits_root}", "data.dataset=folder", "data.image_size=8",
-                                     "data.batch_size=64", "data.dali_threads=1", "schedule.epochs=1",
+                                     "data.batch_size=64",
+                                     "data.dali_threads=1", "data.loader_workers=0", "schedule.epochs=1",
                                      "tracking.log_interval_steps=5", f"checkpoint.url={url}",
                                      "checkpoint.interval_steps=10", "checkpoint.keep_last=5"])
     sinks = [TakeOverAt(url, 15)] if when.startswith("before") else []

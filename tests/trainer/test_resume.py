@@ -28,7 +28,7 @@ def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
     # 22 steps per epoch, 2 epochs; checkpoints every 14 steps (14, 28) and at each epoch end (22, 44).
     return load_config("quickstart", [
         f"data.root={root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=64",
-        "data.dali_threads=1", "schedule.epochs=2", "tracking.log_interval_steps=10",
+        "data.dali_threads=1", "data.loader_workers=0", "schedule.epochs=2", "tracking.log_interval_steps=10",
         f"checkpoint.url={checkpoint_dir}", "checkpoint.interval_steps=14", "checkpoint.keep_last=20", *extra,
     ])
 
