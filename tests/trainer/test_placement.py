@@ -111,7 +111,8 @@ def unplaced_gpu_uses(tree: ast.AST) -> list[str]:
 def test_no_library_code_falls_back_to_the_current_gpu_or_gpu_0() -> None:
     # A Ray worker sees all of its node's GPUs: the run-end gate, the summary and the benches name the
     # context's GPU. Only commands that are one process by nature build their own context.
-    commands = {"launch/cli.py", "launch/orchestration/local.py", "trainer/dist.py",
+    commands = {"launch/cli.py", "launch/cli_bench.py", "launch/cli_models.py", "launch/orchestration/local.py",
+                "trainer/dist.py",
                 *(str(p.relative_to(REPO)) for p in (REPO / "launch" / "bench").glob("*.py"))}
     offenders = {}
     for package in ("configs", "data_pipeline", "trainer", "launch"):
