@@ -281,17 +281,12 @@ ELASTIC = ["launch.num_workers=[1, 2]", "launch.resize_interval_s=1", "launch.gr
 ELASTIC_STEPS = 66
 
 
-def one_process_weights(root: Path, folder: Path, *extra: str) -> dict[str, torch.Tensor]:
-    """The final weights of a 3-epoch run in this process (no Ray, no process group)."""
-    import trainer
-    from trainer.dist import single_process_context
-
+def two_rank_weights(root: Path, folder: Path, *extra: str) -> dict[str, torch.Tensor]:
+    """The final weights of a 3-epoch run of 2 gloo processes that never stop (the same loop, without Ray)."""
     cfg = load_config("quickstart", [f"data.root={root}", *COMMON, "schedule.epochs=3", f"checkpoint.url={folder}",
-                                     "tracking.enabled=false", *extra])
-    trainer.run(cfg, single_process_context(), [])
-    latest = open_checkpoints(str(folder)).latest()
-    assert latest is not None and latest.step == ELASTIC_STEPS
-    return from_bytes(open_checkpoints(str(folder)).read(latest.step, "model.pt"))
+                                     *extra])
+    run_ranks(cfg)
+    return final_weights_at(folder, ELASTIC_STEPS)
 
 
 STAGE_ENV = "RESNET_TEST_STAGE"
@@ -410,14 +405,15 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     assert not any((copy / "runs").exists() for copy in copies), copies
 
     # Same global batch at every size (1 worker accumulated 2 micro-batches of 32): the same weights, bit for
-    # bit, as one process that accumulated 2 micro-batches of 32 from start to end (which is what 2 workers
-    # compute; BatchNorm's running statistics differ, DDP keeping rank 0's: training never reads them).
+    # bit, as 2 workers that never stopped. (BatchNorm's running statistics differ: a lone worker updates
+    # them with both micro-batches, DDP keeps rank 0's; training never reads them.)
     weights = final_weights_at(run_dir / "checkpoints", ELASTIC_STEPS)
-    reference = one_process_weights(digits_root, tmp_path / "reference", "optim.accumulation_steps=2")
+    reference = two_rank_weights(digits_root, tmp_path / "reference")
     parameters = [key for key in reference if "running" not in key and "num_batches" not in key]
     for key in parameters:
         assert torch.equal(weights[key], reference[key]), key
-    # Negative control, differing only in how each step's 64 images are split (4 x 16 instead of 2 x 32; the
-    # same images, steps and learning rates): the weights differ, so the equality above is no accident.
-    split = one_process_weights(digits_root, tmp_path / "split", "data.batch_size=16", "optim.accumulation_steps=4")
+    # Negative control, differing only in how each step's 64 images are split (2 ranks x 2 micro-batches of 16
+    # instead of 2 x 32; the same images, steps and learning rates): the weights differ, so the equality above
+    # is no accident of the comparison.
+    split = two_rank_weights(digits_root, tmp_path / "split", "data.batch_size=16", "optim.accumulation_steps=2")
     assert not all(torch.equal(split[key], reference[key]) for key in parameters)
