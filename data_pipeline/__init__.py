@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from configs.schema import DataConfig
 from data_pipeline.storage import is_remote
 from data_pipeline.index import DatasetError, SplitIndex
-from data_pipeline.prepare import index_folder, read_index
+from data_pipeline.prepare import INDEX_FOLDER, index_folder, read_index
+from data_pipeline.shards import is_packed
+
+if TYPE_CHECKING:
+    from data_pipeline.shard_cache import ShardSource
 
 
 __all__ = ["DatasetError", "Loader", "Loaders", "build_loaders", "prepare_dataset"]
@@ -61,6 +65,30 @@ def prepare_dataset(cfg: DataConfig) -> tuple[Path, str | None]:
     return Path(cfg.root), cfg.index_dir
 
 
+def open_packed(cfg: DataConfig) -> tuple[tuple[SplitIndex, SplitIndex], tuple[ShardSource, ShardSource]]:
+    """The train and val indexes and shard sources of the packed data set at `cfg.root`: read in place from
+    local disk, streamed through the node's shard cache (`<stage_dir>/<name>/shards`) from a URL."""
+    from data_pipeline.shard_cache import ShardCache, ShardSource
+    from data_pipeline.shards import read_manifest
+
+    manifest = read_manifest(cfg.root)
+    where: Path | ShardCache
+    if is_remote(cfg.root):
+        from data_pipeline.staging import copy_index, staged_folder
+
+        local = staged_folder(cfg.root, cfg.stage_dir)
+        copy_index(f"{cfg.root.rstrip('/')}/{INDEX_FOLDER}", local)
+        limit = None if cfg.cache_limit_gb is None else int(cfg.cache_limit_gb * 1e9)
+        where = ShardCache(cfg.root, local / "shards", limit_bytes=limit)
+    else:
+        local = where = Path(cfg.root)
+    indexes = tuple(read_index(local / INDEX_FOLDER, local, split) for split in ("train", "val"))
+    sources = tuple(ShardSource(index, manifest[split], where=where, threads=cfg.fetch_threads,
+                                block_shards=cfg.shuffle_block_shards)
+                    for index, split in zip(indexes, ("train", "val"), strict=True))
+    return (indexes[0], indexes[1]), (sources[0], sources[1])
+
+
 def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
                   device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Loaders:
     """Index the train and val splits and build rank `rank`'s loaders over them, with images of `dtype`
@@ -69,25 +97,30 @@ def build_loaders(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int 
     device = device or torch.device("cpu")
     if cfg.dataset == "synthetic":
         return build_synthetic_loaders(cfg, seed=seed + rank, world_size=world_size, device=device, dtype=dtype)
-    root, index_dir = prepare_dataset(cfg)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root={cfg.root!r}: no such folder (expected train/ and val/ under it)")
-    # Only indexed images are read: every one of them decoded when `data prepare` wrote the index.
-    folder = index_folder(root, index_dir)
-    train_index = read_index(folder, root, "train")
-    val_index = read_index(folder, root, "val")
+    sources: dict[str, ShardSource | None] = {"train": None, "val": None}
+    if cfg.dataset == "folder" and is_packed(cfg.root):
+        (train_index, val_index), (sources["train"], sources["val"]) = open_packed(cfg)
+    else:
+        root, index_dir = prepare_dataset(cfg)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={cfg.root!r}: no such folder (expected train/ and val/ under it)")
+        # Only indexed images are read: every one of them decoded when `data prepare` wrote the index.
+        folder = index_folder(root, index_dir)
+        train_index = read_index(folder, root, "train")
+        val_index = read_index(folder, root, "val")
     if cfg.loader == "dali":
         from data_pipeline.dali import DaliLoader
 
         def build(index: SplitIndex, train: bool) -> Loader:
             return DaliLoader(index, cfg, train=train, seed=seed, rank=rank, world_size=world_size, device=device,
-                              dtype=dtype)
+                              dtype=dtype, source=sources["train" if train else "val"])
     else:
         from data_pipeline.torch_loader import build_torch_loader
 
         def build(index: SplitIndex, train: bool) -> Loader:
             return build_torch_loader(index, cfg, train=train, seed=seed, rank=rank, world_size=world_size,
-                                      pin_memory=device.type == "cuda", dtype=dtype)
+                                      pin_memory=device.type == "cuda", dtype=dtype,
+                                      source=sources["train" if train else "val"])
     return Loaders(
         train=build(train_index, True),
         val=build(val_index, False),

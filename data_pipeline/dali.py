@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from data_pipeline.auto_augment import (AUTO_AUGMENT_FILL, AUTO_AUGMENT_OPS, MAG
                                         num_auto_augment_ops)
 from data_pipeline.index import DatasetError, SplitIndex
 from data_pipeline.sharding import SampleKey, ShardedBatchSampler
+
+if TYPE_CHECKING:
+    from data_pipeline.shard_cache import ShardSource
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SourceBatch = tuple[list[np.ndarray] | np.ndarray, ...]
@@ -128,21 +131,25 @@ class DaliLoader:
     and int64 labels on the host."""
 
     def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, rank: int,
-                 world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+                 world_size: int, device: torch.device, dtype: torch.dtype, source: ShardSource | None = None) -> None:
         self.index = index
+        self.source = source
+        """A packed data set's shards, which the reader threads read the encoded images from; None: files."""
         self.cfg = cfg
         self.train = train
         self.device = device
         self.dtype = dtype
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
-                                           world_size=world_size, seed=seed, train=train)
+                                           world_size=world_size, seed=seed, train=train,
+                                           order=source.order if source is not None else None)
         self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
         self.planner = BatchPlanner(index, cfg, train=train)
         # Labels and full paths once, so that a batch is read without per-sample Python objects.
         self.labels = torch.tensor([sample.label for sample in index.samples], dtype=torch.int64)
         # Each file's path, encoded as DALI's file reader takes it (bytes as a uint8 array).
-        self.paths = [np.frombuffer(str(index.root / sample.path).encode(), dtype=np.uint8)
-                      for sample in index.samples]
+        self.paths = [] if source is not None else [np.frombuffer(str(index.root / sample.path).encode(),
+                                                                                  dtype=np.uint8)
+                                                     for sample in index.samples]
         self.reader_cpu_s = 0.0
         """CPU time the batches' preparation (`_read_batch`) took so far, on whichever threads ran it."""
         self.reader_batches = 0
@@ -169,8 +176,9 @@ class DaliLoader:
             dtypes += [types.INT32] * 3 * self.auto_augment + [types.FLOAT] * 2 * self.erasing
             paths, start, shape, mirror, size, *extra = fn.external_source(
                 source=self._next_batch, num_outputs=len(dtypes), batch=True, dtype=dtypes)
-            # DALI's own threads read the files (in C++, beside the decoding), not the Python reader threads.
-            encoded = fn.io.file.read(paths)
+            # DALI's own threads read the files (in C++, beside the decoding), not the Python reader threads;
+            # from shards the reader threads read the encoded images themselves.
+            encoded = paths if self.source is not None else fn.io.file.read(paths)
             # EXIF orientation is ignored, as by PIL and torchvision: crop windows are in stored pixels.
             decoding = {"output_type": types.RGB, "adjust_orientation": False, **self._gpu_decoder_options()}
             if self.cfg.dali_decode == "roi":
@@ -220,7 +228,8 @@ class DaliLoader:
         numpy over the whole batch (`plan_batch`); DALI reads the files."""
         cpu_start = time.thread_time()
         indices, plan = self.planner.plan(keys, size=size)
-        paths = [self.paths[index] for index in indices.tolist()]
+        paths = (self.source.read_batch(indices.tolist()) if self.source is not None
+                 else [self.paths[index] for index in indices.tolist()])
         crops = plan.crops
         # Dense arrays: DALI's external source takes a batch as one array whose first axis is the sample.
         batch: SourceBatch = (paths, np.stack([crops.left, crops.top], axis=1).astype(np.int32),
@@ -255,6 +264,8 @@ class DaliLoader:
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of epoch `epoch` from batch `start_batch` on; the same for the same arguments."""
+        if self.source is not None:
+            self.source.schedule(self.sampler.upcoming(epoch, start_batch))
         return self._batches(self.sampler.batches(epoch, start_batch), size=self.cfg.crop_size(train=self.train,
                                                                                                 epoch=epoch))
 
@@ -287,6 +298,8 @@ class DaliLoader:
         """DALI's decode errors do not name the file: find it among the batches in flight."""
         from data_pipeline.prepare import check_image
 
+        if self.source is not None:  # shards are checked against their manifest before they are read
+            return error
         for batch_keys in self._in_flight:
             for index, _ in batch_keys:
                 path = self.index.root / self.index.samples[index].path

@@ -1,6 +1,7 @@
 """Which samples each rank sees at each step, as a pure function of (seed, epoch, step).
 
-Training: every epoch is one seeded permutation of the whole split, cut into global batches of
+Training: every epoch is one seeded order of the whole split (a permutation of it; for a packed data set
+the block-shuffled order of `shards.train_order`), cut into global batches of
 batch_size x world_size; rank r takes the r-th slice of each. The samples of a global batch therefore
 do not depend on the world size, and any step can be reproduced without replaying the ones before it,
 which is what exact mid-epoch resume needs. The incomplete last global batch is dropped.
@@ -14,7 +15,7 @@ and flips then do not depend on which worker process decodes the sample or on wh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -32,11 +33,23 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (epoch_seed(seed, epoch) * 10_000_019 + index) % 2**63
 
 
+EpochOrder = Callable[[int, int], list[int]]
+"""(seed, epoch) -> the order of a training epoch: every sample index once."""
+
+
+def random_order(num_samples: int) -> EpochOrder:
+    """A seeded permutation of the whole split per epoch (the order of a data set read from files)."""
+    def order(seed: int, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        return torch.randperm(num_samples, generator=generator).tolist()
+    return order
+
+
 class ShardedBatchSampler:
     """Batches of `SampleKey`s for one rank, starting at a settable (epoch, batch) position."""
 
     def __init__(self, num_samples: int, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool) -> None:
+                 train: bool, order: EpochOrder | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.num_samples = num_samples
@@ -45,6 +58,8 @@ class ShardedBatchSampler:
         self.world_size = world_size
         self.seed = seed
         self.train = train
+        self.order = order or random_order(num_samples)
+        """Training: the order of each epoch's samples."""
         self.epoch = 0
         self.start_batch = 0
 
@@ -67,12 +82,19 @@ class ShardedBatchSampler:
         """The batches from the position `set_position` gave."""
         return self.batches(self.epoch, self.start_batch)
 
+    def upcoming(self, epoch: int, start_batch: int = 0) -> list[int]:
+        """The samples every rank together reads in epoch `epoch` from batch `start_batch` on, in order."""
+        self._check_start(start_batch)
+        if self.train:
+            global_batch = self.batch_size * self.world_size
+            return self.order(self.seed, epoch)[start_batch * global_batch:len(self) * global_batch]
+        return list(range(start_batch * self.batch_size * self.world_size, self.num_samples))
+
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[list[SampleKey]]:
         """This rank's batches of epoch `epoch` from batch `start_batch` on."""
         self._check_start(start_batch)
         if self.train:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            order = self.order(self.seed, epoch)
             global_batch = self.batch_size * self.world_size
             for batch in range(start_batch, len(self)):
                 start = batch * global_batch + self.rank * self.batch_size

@@ -90,6 +90,12 @@ def stage_dataset(url: str, stage_dir: str | Path, *, index_url: str | None = No
     return StagedDataset(root=local, copied_files=len(todo), copied_bytes=sum(s.num_bytes for _, s in todo))
 
 
+def copy_index(index_url: str, local: Path) -> None:
+    """Copy the index at `index_url` into `local/index` (each file atomically, so ranks may do it at once)."""
+    for name, data in _fetch_index(index_url).items():
+        atomic_write(local / INDEX_FOLDER / name, data)
+
+
 def _fetch_index(index_url: str) -> dict[str, bytes]:
     storage = open_storage(index_url)
     files = {}

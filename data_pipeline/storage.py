@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 TEMPORARY_MARK = ".tmp-"
 """In the name of a file that `atomic_write` has not finished: never a complete file."""
@@ -49,6 +49,10 @@ class Storage(Protocol):
 
     def read_bytes(self, path: str) -> bytes:
         """Read a whole file."""
+        ...
+
+    def open_read(self, path: str) -> BinaryIO:
+        """A stream of a file's bytes from its start (object stores send it a range at a time)."""
         ...
 
     def size(self, path: str) -> int | None:
@@ -97,14 +101,21 @@ class FsspecStorage:
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(self._full(path)))
 
+    def open_read(self, path: str) -> BinaryIO:
+        return self.fs.open(self._full(path), "rb")  # type: ignore[no-any-return]
+
     def size(self, path: str) -> int | None:
+        full = self._full(path)
+        self.fs.invalidate_cache(full)  # as in list(): another process may have written it since
         try:
-            return int(self.fs.size(self._full(path)))
+            return int(self.fs.size(full))
         except FileNotFoundError:
             return None
 
     def list(self, path: str = "") -> list[str]:
         full = self._full(path)
+        # Listings are read fresh: s3fs caches them per process, and other processes write (leases, commits).
+        self.fs.invalidate_cache(full)
         if not self.fs.exists(full):
             return []
         return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(full, detail=False))

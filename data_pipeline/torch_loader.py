@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, BatchPlanner, Box
 from data_pipeline.auto_augment import AUTO_AUGMENT_FILL, AugmentOp
 from data_pipeline.index import SplitIndex
 from data_pipeline.sharding import ShardedBatchSampler
+
+if TYPE_CHECKING:
+    from data_pipeline.shard_cache import ShardSource
 
 
 class SampleJob(NamedTuple):
@@ -39,8 +43,10 @@ class PlannedBatchSampler(Sampler[list[SampleJob]]):
     """A `ShardedBatchSampler`'s batches, each planned at once (`augment.plan_batch`, the DALI loader's plan)
     in this process, and handed to the worker processes sample by sample."""
 
-    def __init__(self, sampler: ShardedBatchSampler, index: SplitIndex, cfg: DataConfig, *, train: bool) -> None:
+    def __init__(self, sampler: ShardedBatchSampler, index: SplitIndex, cfg: DataConfig, *, train: bool,
+                 source: ShardSource | None) -> None:
         self.sampler = sampler
+        self.source = source
         self.cfg = cfg
         self.train = train
         self.planner = BatchPlanner(index, cfg, train=train)
@@ -54,8 +60,12 @@ class PlannedBatchSampler(Sampler[list[SampleJob]]):
 
     def __iter__(self) -> Iterator[list[SampleJob]]:
         size = self.cfg.crop_size(train=self.train, epoch=self.sampler.epoch)
+        if self.source is not None:
+            self.source.schedule(self.sampler.upcoming(self.sampler.epoch, self.sampler.start_batch))
         for keys in self.sampler:
             indices, plan = self.planner.plan(keys, size=size)
+            if self.source is not None:
+                self.source.read_ahead(indices.tolist())  # the workers then find the shards fetched
             boxes = plan.erase_boxes
             yield [SampleJob(index, size, plan.crops.crop(i),
                              plan.auto_augment.ops(i) if plan.auto_augment is not None else (),
@@ -106,8 +116,11 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Images of a `SplitIndex`, decoded to RGB (grayscale, palette and CMYK files included), cropped, resized,
     augmented as each `SampleJob` says, and normalised, as HWC tensors of `dtype`."""
 
-    def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, dtype: torch.dtype) -> None:
+    def __init__(self, index: SplitIndex, cfg: DataConfig, *, train: bool, dtype: torch.dtype,
+                 source: ShardSource | None) -> None:
         self.index = index
+        self.source = source
+        """A packed data set's shards, which the encoded images are read from; None: files."""
         self.cfg = cfg
         self.train = train
         """Whether this is a training split (the jobs then carry training crops and augmentation)."""
@@ -121,7 +134,9 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, job: SampleJob) -> tuple[torch.Tensor, int]:  # type: ignore[override]
         sample = self.index.samples[job.sample]
         crop = job.crop
-        with Image.open(self.index.root / sample.path) as image:
+        encoded = (io.BytesIO(self.source.read(job.sample)) if self.source is not None
+                   else self.index.root / sample.path)
+        with Image.open(encoded) as image:
             box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
             # One resampling of the window (PIL filters with antialiasing when it shrinks).
             resized = image.convert("RGB").resize((job.size, job.size), Image.Resampling.BILINEAR, box=box)
@@ -159,14 +174,15 @@ class TorchLoader:
 
 
 def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed: int, rank: int, world_size: int,
-                       pin_memory: bool, dtype: torch.dtype) -> TorchLoader:
+                       pin_memory: bool, dtype: torch.dtype, source: ShardSource | None = None) -> TorchLoader:
     """This rank's loader over `index`: shuffled per epoch and dropping the last partial global batch when
     training; in order and keeping every image exactly once otherwise (see `sharding`). Batches are
     channels-last `dtype` images and int64 labels."""
-    dataset = ImageDataset(index, cfg, train=train, dtype=dtype)
+    dataset = ImageDataset(index, cfg, train=train, dtype=dtype, source=source)
     sampler = PlannedBatchSampler(ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank,
-                                                      world_size=world_size, seed=seed, train=train), index, cfg,
-                                  train=train)
+                                                      world_size=world_size, seed=seed, train=train,
+                                                      order=source.order if source is not None else None),
+                                  index, cfg, train=train, source=source)
     dataloader = DataLoader(
         dataset,
         batch_sampler=sampler,

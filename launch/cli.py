@@ -21,7 +21,7 @@ from launch.errors import describe_exit_statuses, exit_status_of
 
 DEFAULT_CONFIG = "quickstart"
 """The recipe `train` runs when no --config is given: the embedded defaults a new user starts from."""
-GROUPS = {"bench": "measure throughput", "data": "prepare data sets"}
+GROUPS = {"bench": "measure throughput", "data": "prepare and pack data sets"}
 """Commands with sub-commands (`bench step`, `data prepare`), and their help."""
 
 
@@ -102,6 +102,22 @@ def data_prepare(args: argparse.Namespace) -> None:
         classes = len({sample.label for sample in prepared.kept})
         print(f"{split}: {len(prepared.kept)} images in {classes} classes, {len(prepared.excluded)} files left out")
     print(f"index written to {folder}; files left out and why: {folder / 'excluded.txt'}")
+
+
+@command("data pack", "pack an indexed ImageNet-layout tree into tar shards that training streams (from a URL)",
+         arg("root", help="folder holding train/<class>/* and val/<class>/* (indexed first if it has no index)"),
+         arg("--out", required=True, help="folder or URL (s3://bucket/imagenet-shards) to write the shards to; "
+                                          "set data.root to it"),
+         arg("--index-dir", default=None, help="the index folder, if not ROOT/index"),
+         arg("--shard-mb", type=float, default=256.0, help="size of each shard in MB (default: 256)"))
+def data_pack(args: argparse.Namespace) -> None:
+    from data_pipeline.shards import pack_dataset
+
+    splits = pack_dataset(args.root, args.out, index_dir=args.index_dir, shard_mb=args.shard_mb)
+    for split, shards in splits.items():
+        print(f"{split}: {sum(len(shard.samples) for shard in shards)} images in {len(shards)} shards, "
+              f"{sum(shard.num_bytes for shard in shards) / 1e9:.2f} GB")
+    print(f"packed to {args.out}; train from it with data.root={args.out}")
 
 
 @command("data digits", "render the built-in digits set as an ImageNet-layout JPEG tree",

@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits set is rendered once per test session and shared read-only.
+"""Shared fixtures: the digits set is rendered once per test session and shared read-only; a real S3 server
+runs for the session once a test asks for a bucket.
 
 Checkpoints of the ResNet-18 the tests train are about 90 MB a step, so the suite keeps its disk use small:
 a passing test's `tmp_path` is removed when the test ends (pyproject.toml: tmp_path_retention_policy), and
@@ -8,12 +9,14 @@ fixtures shared by a module keep their files in `module_tmp`, removed when the m
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from data_pipeline.digits import render_digits
+from tests.serving import s3_server
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,24 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 server for the session, reached by s3:// URLs as on a cluster: through s3fs, with the endpoint
+    and credentials in the standard AWS environment variables (which subprocesses and Ray workers inherit)."""
+    with s3_server() as endpoint, pytest.MonkeyPatch.context() as patch:
+        for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            patch.setenv(name, value)
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the session's S3 server: `s3://<name>`."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"

@@ -1,11 +1,14 @@
-"""A real HTTP server (`python -m http.server`) over a local folder, for data sets at http:// URLs."""
+"""Real servers for data sets and checkpoints at URLs: an HTTP server (`python -m http.server`) over a local
+folder, an S3-compatible server (moto's), and a TCP proxy that drops connections mid-transfer."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +25,90 @@ def http_server(folder: Path, log: Path | None = None) -> Iterator[str]:
         server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                    "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=requests)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "http.server did not start"
-                time.sleep(0.1)
+        wait_for_port(port, server, "http.server")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's standalone server, one process, objects in its memory) on
+    127.0.0.1 until the block ends; yields its endpoint URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server, "moto's S3 server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+class ResettingProxy:
+    """A TCP proxy on 127.0.0.1 in front of `upstream` (host, port) that, when armed, resets (TCP RST) the next
+    `times` connections once the server has sent each more than `after_bytes`: connections dropped
+    mid-download. `resets` counts the connections it reset."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.after_bytes: int | None = None
+        self.times = 0
+        self.resets = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, after_bytes: int, times: int = 1) -> None:
+        with self.lock:
+            self.after_bytes, self.times = after_bytes, times
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                sent += len(data)
+                with self.lock:
+                    cut = from_server and self.times > 0 and self.after_bytes is not None and sent > self.after_bytes
+                    if cut:
+                        self.times -= 1
+                        self.resets += 1
+                if cut:
+                    for end in (source, sink):  # linger 0: closing sends RST, not FIN
+                        end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        end.shutdown(socket.SHUT_RDWR)  # wakes the other direction's thread, blocked in recv
+                        end.close()
+                    return
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()

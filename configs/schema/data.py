@@ -17,7 +17,9 @@ class DataConfig:
     digits: the built-in handwritten digits set, rendered into `root` at first use;
     synthetic: random tensors made once on the device (compute benchmarks; `root` is not read)."""
     root: str = "data/imagenet"
-    """Folder or URL (s3://, gs://, http(s)://) of the data set; a URL is staged to `stage_dir` first."""
+    """Folder or URL (s3://, gs://, http(s)://) of the data set: an ImageNet-layout tree, staged to `stage_dir`
+    first when at a URL; or a packed data set (`python -m launch data pack`: shards.json at its root), read from
+    its shards in place on local disk and streamed through a shard cache under `stage_dir` from a URL."""
     index_dir: str | None = None
     """Folder or URL of the index written by `python -m launch data prepare` (only indexed images are read);
     None: <root>/index."""
@@ -25,6 +27,15 @@ class DataConfig:
     """Local folder (fast disk) that a data set at a URL is copied to, once per node, before training; `~` and
     environment variables (`$LOCAL_NVME/datasets`) are expanded on each node, for nodes whose fast disk is
     at different paths."""
+    cache_limit_gb: float | None = None
+    """A packed data set at a URL: the most the node's shard cache holds, in GB (1e9 bytes), least recently used
+    shards deleted first (the node's ranks share it); None: no limit (from the second epoch on nothing is
+    fetched). Two blocks of shards (shuffle_block_shards) are needed at a time; less fetches shards twice."""
+    shuffle_block_shards: int = 4
+    """A packed data set: a training epoch reads the shards in a seeded order, this many at a time, their samples
+    shuffled together (shards are packed in a random order, so every block mixes the classes)."""
+    fetch_threads: int = 4
+    """A packed data set at a URL: threads of each training worker that fetch shards ahead of need."""
     loader: Literal["dali", "torch"] = "dali"
     """dali: NVIDIA DALI decodes on the GPU (CPU threads without one); torch: the PIL DataLoader baseline."""
     batch_size: int = 256
@@ -118,6 +129,10 @@ class DataConfig:
                  "is a URL, but data.dataset='digits' renders the digits into a local folder there; for a data set "
                  "at a URL set data.dataset='folder'")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.cache_limit_gb is None or self.cache_limit_gb > 0, "cache_limit_gb", self.cache_limit_gb,
+                 "must be > 0 (or null: no limit)")
+        require(self.shuffle_block_shards >= 1, "shuffle_block_shards", self.shuffle_block_shards, "must be >= 1")
+        require(self.fetch_threads >= 1, "fetch_threads", self.fetch_threads, "must be >= 1")
         require(self.dali_threads >= 1, "dali_threads", self.dali_threads, "must be >= 1")
         require(self.loader_workers >= 0, "loader_workers", self.loader_workers, "must be >= 0")
         require(self.reader_threads >= 0, "reader_threads", self.reader_threads, "must be >= 0")

@@ -65,12 +65,13 @@ def test_every_command_is_registered_with_its_handler(capsys: pytest.CaptureFixt
     words = {" ".join(registered.words) for registered in COMMANDS}
     assert words == {"train", "bench step", "bench data", "bench train", "bench launch", "bench gpu",
                      "bench accuracy", "bench infer", "bench elastic", "eval", "export", "predict", "promote", "serve",
-                     "data prepare", "data digits"}
+                     "data prepare", "data pack", "data digits"}
     parser = build_parser()
     for registered in COMMANDS:
         required = [flags[0] for flags, options in registered.arguments
                     if not flags[0].startswith("-") and options.get("nargs") != "*"]
-        extra = ["--out", "x"] if registered.words in (("export",), ("data", "digits"), ("bench", "gpu")) else []
+        extra = ["--out", "x"] if registered.words in (("export",), ("data", "digits"), ("data", "pack"),
+                                                              ("bench", "gpu")) else []
         extra += ["--version", "1", "--alias", "a"] if registered.words == ("promote",) else []
         args = parser.parse_args([*registered.words, *(["x"] * len(required)), *extra])
         assert args.handler is registered.handler

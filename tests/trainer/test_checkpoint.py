@@ -14,9 +14,10 @@ from data_pipeline.storage import open_storage
 from trainer.checkpoint import CheckpointCorrupt, CheckpointManager, FileRecord, open_checkpoints, step_folder
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "s3"])
 def manager(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointManager:
-    url = f"memory://ckpt-{uuid.uuid4().hex}" if request.param == "memory" else str(tmp_path / "ckpt")
+    url = {"memory": f"memory://ckpt-{uuid.uuid4().hex}", "local": str(tmp_path / "ckpt"),
+           "s3": f"{request.getfixturevalue('s3_bucket')}/ckpt"}[request.param]
     return open_checkpoints(url, keep_last=2)
 
 

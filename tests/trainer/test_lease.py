@@ -1,8 +1,8 @@
 """One writer per checkpoint URL: a second launch is refused with the holder named, a restart of the same
 launch and a holder that is gone (dead process, silent heartbeat) are taken over, claims made at once leave
 at most one holder, a renewal that lands after a takeover gives the lease up, and a holder that was taken
-over stops before it writes, or before it commits a step whose files it was writing. On a local folder and on
-fsspec's memory:// store (an object store: no rename, no locks)."""
+over stops before it writes, or before it commits a step whose files it was writing. On a local folder, on
+fsspec's memory:// store and on a real S3 server (object stores: no rename, no locks)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ from trainer.lease import FOLDER, CheckpointInUse, Claimant, check_writer_lease,
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "s3":  # a real S3 server: listings are eventually what was written, no rename
+        return open_storage(f"{request.getfixturevalue('s3_bucket')}/ckpt")
     return open_storage(str(tmp_path / "checkpoints") if request.param == "local" else f"memory://{tmp_path}/ckpt")
 
 
