@@ -90,13 +90,17 @@ def bench_infer(args: argparse.Namespace) -> None:
              help=f"DALI reader threads (default: {DataConfig().reader_threads})"),
          arg("--image-size", type=int, default=224, help="crop side in pixels (default: 224)"),
          arg("--rounds", type=int, default=15, help="timed epochs per loader, interleaved (default: 15)"),
+         arg("--streaming", action="store_true",
+             help="then the same files as a folder, as shards on local disk and streamed from a local S3 server "
+                  "(moto) with a cold cache, a warm one and cache limits of 50%% and 25%% of the set"),
          JSON_ARGUMENT)
 def bench_data(args: argparse.Namespace) -> None:
     from launch.bench.data import bench_data_command
 
     print(bench_data_command(root=args.root, num_images=args.images, batch_size=args.batch_size,
                              num_workers=args.num_workers, reader_threads=args.reader_threads,
-                             image_size=args.image_size, rounds=args.rounds, as_json=args.json))
+                             image_size=args.image_size, rounds=args.rounds, as_json=args.json,
+                             streaming=args.streaming))
 
 
 @command("bench train", "end-to-end images/s of a whole training run (per device, all devices, MFU on GPUs)",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.digits import render_digits
-from tests.serving import s3_server
+from launch.bench.streaming import local_s3_server
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +37,7 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def s3_endpoint() -> Iterator[str]:
     """A real S3 server for the session, reached by s3:// URLs as on a cluster: through s3fs, with the endpoint
     and credentials in the standard AWS environment variables (which subprocesses and Ray workers inherit)."""
-    with s3_server() as endpoint, pytest.MonkeyPatch.context() as patch:
-        for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
-                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
-            patch.setenv(name, value)
+    with local_s3_server() as endpoint:
         yield endpoint
 
 

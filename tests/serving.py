@@ -43,21 +43,6 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> Non
             time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """A real S3-compatible server (moto's standalone server, one process, objects in its memory) on
-    127.0.0.1 until the block ends; yields its endpoint URL."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, server, "moto's S3 server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 class ResettingProxy:
     """A TCP proxy on 127.0.0.1 in front of `upstream` (host, port) that, when armed, resets (TCP RST) the next
     `times` connections once the server has sent each more than `after_bytes`: connections dropped

@@ -174,9 +174,10 @@ def bench_data(cfg: DataConfig, *, rounds: int, variants: list[str], source: str
 
 
 def bench_data_command(*, root: str | None, num_images: int, batch_size: int, num_workers: int,
-                       reader_threads: int, image_size: int, rounds: int, as_json: bool) -> str:
+                       reader_threads: int, image_size: int, rounds: int, as_json: bool,
+                       streaming: bool = False) -> str:
     """Run `bench data` on `root` (or on `num_images` generated JPEGs in a temporary folder) and return
-    its report."""
+    its report; with `streaming`, the report of `bench_streaming` on the same files after it."""
     import tempfile
 
     from configs.errors import ConfigError
@@ -198,4 +199,9 @@ def bench_data_command(*, root: str | None, num_images: int, batch_size: int, nu
         cfg = DataConfig(dataset="folder", root=root, batch_size=batch_size, dali_threads=num_workers,
                          loader_workers=num_workers, reader_threads=reader_threads, image_size=image_size)
         result = bench_data(cfg, rounds=rounds, variants=variants, source=source)
-    return result.as_json() if as_json else result.table()
+        report = result.as_json() if as_json else result.table()
+        if streaming:
+            from launch.bench.streaming import bench_streaming_command
+
+            report += "\n" + bench_streaming_command(cfg, rounds=rounds, scratch=Path(scratch), as_json=as_json)
+    return report

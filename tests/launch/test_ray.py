@@ -1,7 +1,8 @@
 """The Ray launcher on a real local Ray cluster with 2 CPU workers: a worker killed (SIGKILL) or stopped
 (SIGTERM) mid-epoch is restarted and the run reaches the weights of an uninterrupted run, with every step in
 the metrics once; a run out of restarts ends with an error naming its last good checkpoint, which a later
-`--resume` continues to the same weights."""
+`--resume` continues to the same weights. An elastic job on two Ray nodes, streaming packed data and keeping
+its checkpoints on a real S3 server, shrinks to one worker and grows back to the weights of an unresized run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ import torch
 
 from configs import load_config
 from tests.multiproc import free_port, run_ranks
-from tests.serving import http_server
 from trainer.checkpoint import open_checkpoints
 from trainer.serialize import from_bytes
 
@@ -50,8 +49,8 @@ def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return final_weights_at(checkpoint_dir, TOTAL_STEPS)
 
 
-def final_weights_at(checkpoint_dir: Path, steps: int) -> dict[str, torch.Tensor]:
-    manager = open_checkpoints(str(checkpoint_dir), keep_last=1)
+def final_weights_at(checkpoints: Path | str, steps: int) -> dict[str, torch.Tensor]:
+    manager = open_checkpoints(str(checkpoints), keep_last=1)
     manifest = manager.latest()
     assert manifest is not None and manifest.step == steps
     return from_bytes(manager.read(manifest.step, "model.pt"))
@@ -281,10 +280,9 @@ ELASTIC = ["launch.num_workers=[1, 2]", "launch.resize_interval_s=1", "launch.gr
 ELASTIC_STEPS = 66
 
 
-def two_rank_weights(root: Path, folder: Path, *extra: str) -> dict[str, torch.Tensor]:
+def two_rank_weights(folder: Path, *extra: str) -> dict[str, torch.Tensor]:
     """The final weights of a 3-epoch run of 2 gloo processes that never stop (the same loop, without Ray)."""
-    cfg = load_config("quickstart", [f"data.root={root}", *COMMON, "schedule.epochs=3", f"checkpoint.url={folder}",
-                                     *extra])
+    cfg = load_config("quickstart", [*COMMON, "schedule.epochs=3", f"checkpoint.url={folder}", *extra])
     run_ranks(cfg)
     return final_weights_at(folder, ELASTIC_STEPS)
 
@@ -332,12 +330,25 @@ def wait_until(condition: Callable[[], bool], what: str, job: subprocess.Popen[b
         time.sleep(0.2)
 
 
-def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterrupted_weights(
-        digits_root: Path, tmp_path: Path, two_nodes: tuple[Any, Any]) -> None:
+def streamed(url: str, stage_dir: str, limit_gb: float) -> list[str]:
+    """The overrides that stream the packed data set at `url` through a shard cache of `limit_gb` in `stage_dir`."""
+    return ["data.dataset=folder", f"data.root={url}", f"data.stage_dir={stage_dir}", f"data.cache_limit_gb={limit_gb}",
+            "data.shuffle_block_shards=2"]
+
+
+def test_an_elastic_job_streaming_from_s3_loses_a_node_and_regains_one_and_ends_with_the_uninterrupted_weights(
+        digits_root: Path, tmp_path: Path, s3_bucket: str, two_nodes: tuple[Any, Any]) -> None:
     from mlflow import MlflowClient
 
+    from data_pipeline.shards import pack_dataset
     from launch.orchestration.starts import read_starts
 
+    # The digits packed into shards of 0.1 MB on the S3 server, streamed by each node through a cache of half
+    # the training set; the checkpoints (and the writer lease) on the S3 server too.
+    data = f"{s3_bucket}/digits"
+    shards = pack_dataset(digits_root, data, shard_mb=0.1, log=lambda line: None)
+    limit_gb = sum(shard.num_bytes for shard in shards["train"]) / 2 / 1e9
+    checkpoint_url = f"{s3_bucket}/elastic/checkpoints"
     cluster, second = two_nodes
     dashboard = f"http://{cluster.webui_url}"
     runs = tmp_path / "runs"
@@ -349,13 +360,10 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
 
     log = tmp_path / "elastic.log"
     run_dir = runs / "elastic"
-    checkpoints = open_checkpoints(str(run_dir / "checkpoints"), keep_last=2)
-    requests = tmp_path / "requests.log"
-    # The images at an http:// URL, staged by each node into its own folder.
-    with http_server(digits_root.parent, log=requests) as base, log.open("wb") as output:
+    checkpoints = open_checkpoints(checkpoint_url, keep_last=2)
+    with log.open("wb") as output:
         job = subprocess.Popen(ray_job(dashboard, *overrides(digits_root, runs, "elastic", *ELASTIC),
-                                       "data.dataset=folder", f"data.root={base}/{digits_root.name}",
-                                       f"data.stage_dir=${STAGE_ENV}"),
+                                       *streamed(data, f"${STAGE_ENV}", limit_gb), f"checkpoint.url={checkpoint_url}"),
                                stdout=output, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: checkpoints.latest() is not None, "a committed checkpoint", job)
@@ -393,11 +401,11 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     history = client.get_metric_history(summary["mlflow_run_id"], "world_size")
     assert sorted((m.step, m.value) for m in history) == [(starts[1].step, 1.0), (starts[2].step, 2.0)]
-    # Each node staged the images once, into its own folder: every image was fetched three times in all.
+    # Each node streamed through its own cache, which held at most half the set (plus the shards in flight).
+    largest = max(shard.num_bytes for shard in shards["train"])
     for node in ("head", "second", "third"):
-        assert [p.name for p in (tmp_path / "stage" / node).glob("*/.staged.json")] == [".staged.json"], node
-    fetched = Counter(re.findall(r'"GET (/\S+\.JPEG) HTTP', requests.read_text()))
-    assert len(fetched) == 1442 + 355 and set(fetched.values()) == {3}
+        cached = [path.stat().st_size for path in (tmp_path / "stage" / node).glob("*/shards/*.tar")]
+        assert cached and sum(cached) <= limit_gb * 1e9 + 4 * largest, node
     # The outputs are where the job was told to write them, not in Ray's copy of the working directory (in this
     # cluster's own session folder, which holds that copy).
     copies = list(Path(cluster.head_node.get_session_dir_path()).glob("runtime_resources/working_dir_files/*"))
@@ -407,13 +415,15 @@ def test_an_elastic_job_loses_a_node_and_regains_one_and_ends_with_the_uninterru
     # Same global batch at every size (1 worker accumulated 2 micro-batches of 32): the same weights, bit for
     # bit, as 2 workers that never stopped. (BatchNorm's running statistics differ: a lone worker updates
     # them with both micro-batches, DDP keeps rank 0's; training never reads them.)
-    weights = final_weights_at(run_dir / "checkpoints", ELASTIC_STEPS)
-    reference = two_rank_weights(digits_root, tmp_path / "reference")
+    weights = final_weights_at(checkpoint_url, ELASTIC_STEPS)
+    reference = two_rank_weights(tmp_path / "reference", *streamed(data, str(tmp_path / "stage" / "reference"),
+                                                                   limit_gb))
     parameters = [key for key in reference if "running" not in key and "num_batches" not in key]
     for key in parameters:
         assert torch.equal(weights[key], reference[key]), key
     # Negative control, differing only in how each step's 64 images are split (2 ranks x 2 micro-batches of 16
     # instead of 2 x 32; the same images, steps and learning rates): the weights differ, so the equality above
     # is no accident of the comparison.
-    split = two_rank_weights(digits_root, tmp_path / "split", "data.batch_size=16", "optim.accumulation_steps=2")
+    split = two_rank_weights(tmp_path / "split", *streamed(data, str(tmp_path / "stage" / "split"), limit_gb),
+                             "data.batch_size=16", "optim.accumulation_steps=2")
     assert not all(torch.equal(split[key], reference[key]) for key in parameters)
