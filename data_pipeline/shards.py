@@ -80,15 +80,25 @@ def is_packed(url: str) -> bool:
 def train_order(shards: tuple[Shard, ...], block_shards: int) -> EpochOrder:
     """The training order of a packed split: the shards in a seeded order, each block of `block_shards` of them
     shuffled together; a function of (seed, epoch) only."""
-    def order(seed: int, epoch: int) -> list[int]:
+    return BlockShuffledOrder(tuple(shard.samples for shard in shards), block_shards)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockShuffledOrder:
+    """`train_order`'s order (a class, not a closure: DataLoader workers receive it pickled)."""
+
+    members: tuple[np.ndarray, ...]
+    """Each shard's sample numbers."""
+    block_shards: int
+
+    def __call__(self, seed: int, epoch: int) -> list[int]:
         generator = np.random.Generator(np.random.PCG64(epoch_seed(seed, epoch)))
-        shard_order = generator.permutation(len(shards))
+        shard_order = generator.permutation(len(self.members))
         out = []
-        for start in range(0, len(shards), block_shards):
-            block = np.concatenate([shards[i].samples for i in shard_order[start:start + block_shards]])
+        for start in range(0, len(self.members), self.block_shards):
+            block = np.concatenate([self.members[i] for i in shard_order[start:start + self.block_shards]])
             out.append(generator.permutation(block))
         return np.concatenate(out).tolist()
-    return order
 
 
 def pack_dataset(root: str | Path, out: str, *, index_dir: str | None = None, shard_mb: float = 256.0,

@@ -126,7 +126,17 @@ class FsspecStorage:
             self.fs.rm(full, recursive=True)
 
     def move(self, path: str, new_path: str) -> None:
-        self.fs.mv(self._full(path), self._full(new_path), recursive=True)
+        source, target = self._full(path), self._full(new_path)
+        if self.is_local:
+            self.fs.mv(source, target, recursive=True)
+            return
+        # Object stores have no folders and no rename: copy each object under the prefix, then delete them
+        # (s3fs's own recursive mv tries to copy the "folder" key itself, which does not exist).
+        self.fs.invalidate_cache(source)
+        files = self.fs.find(source)
+        for file in files:
+            self.fs.copy(file, target + file[len(source):])
+        self.fs.rm(files)
 
 
 def is_remote(url: str) -> bool:

@@ -116,7 +116,7 @@ def data_pack(args: argparse.Namespace) -> None:
     splits = pack_dataset(args.root, args.out, index_dir=args.index_dir, shard_mb=args.shard_mb)
     for split, shards in splits.items():
         print(f"{split}: {sum(len(shard.samples) for shard in shards)} images in {len(shards)} shards, "
-              f"{sum(shard.num_bytes for shard in shards) / 1e9:.2f} GB")
+              f"{sum(shard.num_bytes for shard in shards) / 1e6:,.1f} MB")
     print(f"packed to {args.out}; train from it with data.root={args.out}")
 
 

@@ -134,17 +134,23 @@ class Evaluation:
 
 
 def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device) -> Evaluation:
-    """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`,
-    with its own evaluation preprocessing, in this process on `device`."""
-    from data_pipeline import prepare_dataset
-    from data_pipeline.prepare import index_digest, index_folder
+    """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`
+    (or of the packed data set there), with its own evaluation preprocessing, in this process on `device`."""
+    from data_pipeline import open_packed, prepare_dataset
+    from data_pipeline.prepare import INDEX_FOLDER, index_digest, index_folder
+    from data_pipeline.shards import is_packed
 
     trained = load_trained(uri, tracking_uri=client.tracking_uri)
-    # Staged once (a URL) here; the evaluation then reads the local copy.
-    root, index_dir = prepare_dataset(replace(trained.cfg.data, dataset="folder", root=data, index_dir=None))
-    scores = evaluate_trained(trained, device=device, data_root=str(root),
+    data_cfg = replace(trained.cfg.data, dataset="folder", root=data, index_dir=None)
+    if is_packed(data):  # read from its shards; the index is the one `data prepare` wrote, so is its digest
+        (_, val), _ = open_packed(data_cfg)
+        root, index_dir, folder = data, None, val.root.parent / INDEX_FOLDER
+    else:  # staged once (a URL) here; the evaluation then reads the local copy
+        staged, index_dir = prepare_dataset(data_cfg)
+        root, folder = str(staged), index_folder(staged, index_dir)
+    scores = evaluate_trained(trained, device=device, data_root=root,
                               overrides={"dataset": "folder", "index_dir": index_dir})
-    return Evaluation(scores=scores, data=data, digest=index_digest(index_folder(root, index_dir), "val"))
+    return Evaluation(scores=scores, data=data, digest=index_digest(folder, "val"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from tests.data_pipeline.test_prepare import quirky_tree
 from tests.serving import ResettingProxy
 
 SHARD_MB = 0.1
-"""About 90 digits images per shard: 17 training shards."""
+"""About 50 digits images per shard: 29 training shards."""
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,16 @@ def test_streaming_from_s3_with_a_cache_of_half_the_set(packed: Path, s3_bucket:
     # Half the set fits: the oldest shards made room, and the second epoch fetched most of them again.
     assert cache.fetched_bytes > 1.5 * train_bytes and cache.evicted_shards > 0
     assert not list((cache.folder / PARTIAL).rglob("*.tar*"))
+
+
+def test_dataloader_workers_stream_through_the_same_cache(packed: Path, s3_bucket: str, tmp_path: Path) -> None:
+    s3fs.S3FileSystem().put(str(packed), f"{s3_bucket}/digits", recursive=True)
+    streamed = build_loaders(config(f"{s3_bucket}/digits", stage_dir=str(tmp_path), loader="torch", loader_workers=1,
+                                    cache_limit_gb=0.001), seed=3)
+    local = build_loaders(config(packed, loader="torch"), seed=3)
+    for (a, labels_a), (b, labels_b) in zip(streamed.train.iter_epoch(1, 35), local.train.iter_epoch(1, 35),
+                                            strict=True):
+        assert torch_equal(a, b) and torch_equal(labels_a, labels_b)
 
 
 def cache_shards(packed: Path) -> tuple[Shard, ...]:

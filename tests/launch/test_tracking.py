@@ -332,6 +332,15 @@ def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorde
     refused = promote(server.uri, "resnet18-digits", "2", "floored", minimum=1.0, eval_data=str(digits_root),
                       dry_run=True, device=CPU)
     assert not refused.accepted and "below the floor" in refused.reason
+    # The same set packed into shards (`data pack`) is scored from them: the same images, index and scores.
+    from data_pipeline.shards import pack_dataset
+
+    pack_dataset(digits_root, str(tmp_path / "packed"), shard_mb=0.1, log=lambda line: None)
+    from_shards = promote(server.uri, "resnet18-digits", "2", "floored", minimum=1.0,
+                          eval_data=str(tmp_path / "packed"), dry_run=True, device=CPU)
+    assert from_shards.evaluations is not None and refused.evaluations is not None
+    assert from_shards.evaluations["2"].digest == refused.evaluations["2"].digest
+    assert from_shards.evaluations["2"].scores == refused.evaluations["2"].scores
     trusted = promote(server.uri, "resnet18-digits", "2", "trusting", dry_run=True)
     assert "trusting the versions' own tags (no --eval-data)" in trusted.describe(dry_run=True)
 

@@ -24,7 +24,7 @@ from trainer.dist import single_process_context
 from trainer.state import cuda_state_for, from_bytes, load_state
 
 
-def config(root: Path, checkpoint_dir: Path, *extra: str) -> RunConfig:
+def config(root: Path, checkpoint_dir: Path | str, *extra: str) -> RunConfig:
     # 22 steps per epoch, 2 epochs; checkpoints every 14 steps (14, 28) and at each epoch end (22, 44).
     return load_config("quickstart", [
         f"data.root={root}", "data.dataset=folder", "data.image_size=8", "data.batch_size=64",
@@ -241,6 +241,25 @@ def test_a_damaged_newest_step_is_reported_and_the_one_before_it_resumes(
     # The damaged step was kept aside, and the run wrote step 22 anew.
     assert len(list(copy.glob(f"{step_folder(22)}.damaged-*/model.pt"))) == 1
     assert [m.step for m in open_checkpoints(str(copy)).committed()] == [14, 22]
+
+
+def test_on_s3_a_damaged_newest_step_is_kept_aside_and_the_one_before_it_resumes(
+        digits_root: Path, finished: tuple[Path, trainer.TrainResult], tmp_path: Path, s3_bucket: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import s3fs
+
+    copy = damaged_copy(finished[0], tmp_path)
+    newest = copy / step_folder(22) / "model.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    url = f"{s3_bucket}/checkpoints"
+    s3fs.S3FileSystem().put(str(copy), url, recursive=True)  # a real S3 server: no rename, moves are copies
+    result = trainer.run(config(digits_root, url, "schedule.epochs=1"), single_process_context(), [])
+    assert result.start_step == 14 and result.steps == 22
+    assert f"checkpoint {url}/{step_folder(22)} is not used" in capsys.readouterr().out
+    assert [m.step for m in open_checkpoints(url).committed()] == [14, 22]
+    assert len(s3fs.S3FileSystem().glob(f"{url}/{step_folder(22)}.damaged-*/model.pt")) == 1
 
 
 def test_when_no_committed_step_loads_the_run_stops_and_names_them(
