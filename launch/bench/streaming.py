@@ -1,5 +1,5 @@
 """`bench data --streaming`: one loader over the same JPEGs read from a local folder, from packed shards on local
-disk, and streamed from an S3 server (a cold cache each round; a warm one; cache limits of 50% and 25% of the
+disk, and streamed from an S3 server (a cold cache each round; warm caches limited to 100%, 50% and 25% of the
 set), alternating round by round: images/s, the ratio to the folder, and the bytes fetched per epoch.
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 from configs.schema import DataConfig
 from launch.bench import median_interval, spread, trust_warning
 
-CACHE_SHARES = {"s3-warm": None, "s3-50%": 0.5, "s3-25%": 0.25}
-"""Streaming variants with a cache kept across rounds -> the cache limit as a share of the training set."""
+CACHE_SHARES = {"s3-warm-100%": 1.0, "s3-50%": 0.5, "s3-25%": 0.25}
+"""Streaming variants with a cache kept across rounds -> the cache limit as a share of the training set (the
+untimed first epoch fills it: at 100% nothing is fetched after it)."""
 
 
 @contextlib.contextmanager
@@ -32,6 +33,8 @@ def local_s3_server() -> Iterator[str]:
     """A real S3-compatible server (moto's standalone server, `pip install 'moto[server]'`) on 127.0.0.1 until
     the block ends, with the AWS environment variables of this process pointing s3:// URLs at it; yields its
     endpoint URL."""
+    import s3fs
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -51,10 +54,12 @@ def local_s3_server() -> Iterator[str]:
         endpoint = f"http://127.0.0.1:{port}"
         os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                           AWS_DEFAULT_REGION="us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps clients per process, made with the old settings
         yield endpoint
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        s3fs.S3FileSystem.clear_instance_cache()
         server.terminate()
         server.wait(timeout=30)
 
@@ -116,7 +121,7 @@ def bench_streaming(cfg: DataConfig, *, rounds: int, scratch: Path, shard_mb: fl
                "s3-cold": dataclasses.replace(cfg, root=url, stage_dir=str(scratch / "cache-cold"))}
     for variant, share in CACHE_SHARES.items():
         configs[variant] = dataclasses.replace(cfg, root=url, stage_dir=str(scratch / f"cache-{variant}"),
-                                               cache_limit_gb=None if share is None else share * set_bytes / 1e9)
+                                               cache_limit_gb=share * set_bytes / 1e9)
     loaders = {variant: build_loaders(variant_cfg, seed=0).train for variant, variant_cfg in configs.items()}
     images_per_s: dict[str, list[float]] = {variant: [] for variant in loaders}
     fetched: dict[str, list[float]] = {variant: [] for variant in loaders if variant.startswith("s3")}
@@ -151,5 +156,4 @@ def bench_streaming_command(cfg: DataConfig, *, rounds: int, scratch: Path, as_j
         s3fs.S3FileSystem().mkdir(bucket)
         result = bench_streaming(dataclasses.replace(cfg, shuffle_block_shards=2), rounds=rounds, scratch=scratch,
                                  shard_mb=total / 16 / 1e6, s3_bucket=f"s3://{bucket}")
-    s3fs.S3FileSystem.clear_instance_cache()  # its clients point at the server that just stopped
     return result.as_json() if as_json else result.table()

@@ -33,10 +33,12 @@ def test_bench_step_table_and_bad_arguments(capsys: pytest.CaptureFixture[str]) 
     assert "--steps=0" in capsys.readouterr().err
 
 
-def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_data_times_both_loaders_and_the_streaming_sources_on_the_same_generated_jpegs(
+        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "data", "--images", "16", "--batch-size", "4", "--image-size", "32", "--rounds", "2",
-                 "--num-workers", "1", "--json"]) == 0
-    record = json.loads(capsys.readouterr().out.strip())
+                 "--num-workers", "1", "--json", "--streaming"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    record, streaming = json.loads(lines[0]), json.loads(lines[1])
     assert record["num_images"] == 16 and record["source"].startswith("generated 500x375 q90")
     variants = {"torch", "dali-cpu", "dali-cpu-inline"}
     assert set(record["images_per_s"]) == set(record["loader_cpu_ms_per_batch"]) == variants
@@ -46,6 +48,12 @@ def test_bench_data_times_both_loaders_on_the_same_generated_jpegs(capsys: pytes
     assert record["over_torch"]["dali-cpu"] == pytest.approx(statistics.median(
         [d / t for d, t in zip(record["images_per_s"]["dali-cpu"], record["images_per_s"]["torch"], strict=True)]))
     assert main(["bench", "data", "--rounds", "0"]) == 2
+    # The same files from a folder, local shards and a local S3 server: a cold cache fetches the whole set every
+    # epoch, a warm one that holds it fetches nothing.
+    assert set(streaming["images_per_s"]) == {"folder", "shards-local", "s3-cold", "s3-warm-100%", "s3-50%", "s3-25%"}
+    assert all(len(values) == 2 and min(values) > 0 for values in streaming["images_per_s"].values())
+    assert streaming["num_shards"] == 16 and streaming["fetched_bytes"]["s3-warm-100%"] == [0, 0]
+    assert streaming["fetched_bytes"]["s3-cold"] == [streaming["set_bytes"]] * 2
 
 
 def test_bench_train_reports_the_runs_own_throughput(capsys: pytest.CaptureFixture[str], tmp_path: Path,
