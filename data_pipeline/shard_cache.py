@@ -85,8 +85,11 @@ class ShardCache:
         """The local file of `shard`, checked against the manifest; fetched first if it is not here."""
         local = self.folder / shard.name
         if self._checked(shard, local):
-            os.utime(self._marker(local))  # last use, for the eviction order
-            return local
+            try:
+                os.utime(self._marker(local))  # last use, for the eviction order
+                return local
+            except FileNotFoundError:  # evicted this moment: fetched again below
+                pass
         with _locked(self.folder / f"{shard.name}.lock"):
             if self._checked(shard, local):
                 return local
@@ -279,7 +282,10 @@ class ShardSource:
         if isinstance(self.where, Path):
             return self.where / self.shards[shard].name
         if (future := self._fetches.get(shard)) is not None:
-            future.result()  # the fetch's error, if it failed
+            try:
+                future.result()  # the fetch's error (DatasetError) if it failed for good
+            except FileNotFoundError:  # evicted while it was being checked: path() fetches it again
+                pass
         return self.where.path(self.shards[shard])  # the cheap check again: it may have been evicted since
 
     def read_batch(self, samples: Sequence[int]) -> list[np.ndarray]:
