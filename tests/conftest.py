@@ -8,6 +8,7 @@ fixtures shared by a module keep their files in `module_tmp`, removed when the m
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.digits import render_digits
-from launch.bench.streaming import local_s3_server
+from launch.bench.streaming import local_s3_server, s3_environment
+from tests.multiproc import free_port
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +35,21 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     shutil.rmtree(folder, ignore_errors=True)
 
 
+S3_PORT = free_port()
+"""The port of the session's S3 server, chosen when the session starts."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The AWS settings are in the environment from the start: processes started before the server (a DataLoader's
+    # forkserver, whose children inherit its environment, not ours) must reach it too.
+    os.environ.update(s3_environment(f"http://127.0.0.1:{S3_PORT}"))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 server for the session, reached by s3:// URLs as on a cluster: through s3fs, with the endpoint
     and credentials in the standard AWS environment variables (which subprocesses and Ray workers inherit)."""
-    with local_s3_server() as endpoint:
+    with local_s3_server(S3_PORT) as endpoint:
         yield endpoint
 
 

@@ -28,16 +28,23 @@ CACHE_SHARES = {"s3-warm-100%": 1.0, "s3-50%": 0.5, "s3-25%": 0.25}
 untimed first epoch fills it: at 100% nothing is fetched after it)."""
 
 
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The AWS environment variables that point s3:// URLs (through s3fs and botocore) at a local test server."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @contextlib.contextmanager
-def local_s3_server() -> Iterator[str]:
-    """A real S3-compatible server (moto's standalone server, `pip install 'moto[server]'`) on 127.0.0.1 until
-    the block ends, with the AWS environment variables of this process pointing s3:// URLs at it; yields its
-    endpoint URL."""
+def local_s3_server(port: int | None = None) -> Iterator[str]:
+    """A real S3-compatible server (moto's standalone server, `pip install 'moto[server]'`) on 127.0.0.1 (at
+    `port`, default a free one) until the block ends, with the AWS environment variables of this process
+    pointing s3:// URLs at it; yields its endpoint URL."""
     import s3fs
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = dict(os.environ)
@@ -52,8 +59,7 @@ def local_s3_server() -> Iterator[str]:
                     raise RuntimeError("moto's S3 server did not start (is moto[server] installed?)") from None
                 time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(s3_environment(endpoint))
         s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps clients per process, made with the old settings
         yield endpoint
     finally:
