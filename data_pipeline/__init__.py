@@ -65,6 +65,18 @@ def prepare_dataset(cfg: DataConfig) -> tuple[Path, str | None]:
     return Path(cfg.root), cfg.index_dir
 
 
+def packed_local_folder(cfg: DataConfig) -> Path:
+    """The local folder of the packed data set at `cfg.root`, with its index in `index/`: the data set itself on
+    local disk; from a URL, this node's folder under `cfg.stage_dir`, the index copied into it."""
+    if not is_remote(cfg.root):
+        return Path(cfg.root)
+    from data_pipeline.staging import copy_index, staged_folder
+
+    local = staged_folder(cfg.root, cfg.stage_dir)
+    copy_index(f"{cfg.root.rstrip('/')}/{INDEX_FOLDER}", local)
+    return local
+
+
 def open_packed(cfg: DataConfig) -> tuple[tuple[SplitIndex, SplitIndex], tuple[ShardSource, ShardSource]]:
     """The train and val indexes and shard sources of the packed data set at `cfg.root`: read in place from
     local disk, streamed through the node's shard cache (`<stage_dir>/<name>/shards`) from a URL."""
@@ -72,16 +84,11 @@ def open_packed(cfg: DataConfig) -> tuple[tuple[SplitIndex, SplitIndex], tuple[S
     from data_pipeline.shards import read_manifest
 
     manifest = read_manifest(cfg.root)
-    where: Path | ShardCache
+    local = packed_local_folder(cfg)
+    where: Path | ShardCache = local
     if is_remote(cfg.root):
-        from data_pipeline.staging import copy_index, staged_folder
-
-        local = staged_folder(cfg.root, cfg.stage_dir)
-        copy_index(f"{cfg.root.rstrip('/')}/{INDEX_FOLDER}", local)
         limit = None if cfg.cache_limit_gb is None else int(cfg.cache_limit_gb * 1e9)
         where = ShardCache(cfg.root, local / "shards", limit_bytes=limit)
-    else:
-        local = where = Path(cfg.root)
     indexes = tuple(read_index(local / INDEX_FOLDER, local, split) for split in ("train", "val"))
     sources = tuple(ShardSource(index, manifest[split], where=where, threads=cfg.fetch_threads,
                                 block_shards=cfg.shuffle_block_shards)

@@ -267,11 +267,14 @@ class ShardSource:
 
     def read_ahead(self, samples: Sequence[int]) -> None:
         """Start fetching the `ahead` shards that the schedule needs after those of `samples`."""
+        self._fetch_after(set(self.shard_of[np.asarray(samples, dtype=np.int64)].tolist()))
+
+    def _fetch_after(self, shards: set[int]) -> None:
+        """Start fetching the `ahead` shards that the schedule needs after `shards`."""
         if isinstance(self.where, Path) or not self._schedule:
             return
         with self._lock:
-            reached = max((self._position.get(shard, -1) for shard in set(self.shard_of[list(samples)].tolist())),
-                          default=-1)
+            reached = max((self._position.get(shard, -1) for shard in shards), default=-1)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="shard-fetch")
             for shard in self._schedule[max(reached, 0):reached + 1 + self.ahead]:
@@ -290,10 +293,10 @@ class ShardSource:
 
     def read_batch(self, samples: Sequence[int]) -> list[np.ndarray]:
         """The encoded files of `samples`, as uint8 arrays."""
-        self.read_ahead(samples)
         numbers = np.asarray(samples, dtype=np.int64)
         out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(numbers)
         shard_numbers = self.shard_of[numbers]
+        self._fetch_after(set(shard_numbers.tolist()))
         for shard in dict.fromkeys(shard_numbers.tolist()):
             positions = np.flatnonzero(shard_numbers == shard)
             for attempt in range(3):

@@ -9,10 +9,10 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from launch.bench.streaming import wait_for_port
 from tests.multiproc import free_port
 
 
@@ -30,17 +30,6 @@ def http_server(folder: Path, log: Path | None = None) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
-            time.sleep(0.1)
 
 
 class ResettingProxy:

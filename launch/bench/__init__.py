@@ -43,6 +43,17 @@ def trusted(values: list[float]) -> bool:
     return bool(median) and (high - low) / 2 <= TRUSTED_HALF_WIDTH * median
 
 
+def paired_ratios(values: list[float], baseline: list[float]) -> list[float]:
+    """A variant's images/s over the baseline's, round by round (the two ran back to back in each round)."""
+    return [mine / theirs for mine, theirs in zip(values, baseline, strict=True)]
+
+
+def ratio_cell(ratios: list[float]) -> str:
+    """'median (low-high)' of per-round ratios: the median and its 95% interval (`median_interval`)."""
+    low, high = median_interval(ratios)
+    return f"{statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})"
+
+
 def spread(values: list[float]) -> str:
     """'median (min-max)' of a variant's rounds."""
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"

@@ -16,7 +16,7 @@ import torch
 
 from configs.schema import DataConfig
 
-from launch.bench import median_interval, spread, synchronize, trust_warning
+from launch.bench import paired_ratios, ratio_cell, spread, synchronize, trust_warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +47,7 @@ class DataBench:
 
     def round_ratios(self, variant: str) -> list[float]:
         """Images/s of `variant` over the baseline's, round by round (they ran back to back)."""
-        return [mine / baseline for mine, baseline in zip(self.images_per_s[variant], self.images_per_s["torch"],
-                                                          strict=True)]
+        return paired_ratios(self.images_per_s[variant], self.images_per_s["torch"])
 
     def ratio(self, variant: str) -> float:
         """The median of the rounds' ratios to the baseline."""
@@ -69,8 +68,7 @@ class DataBench:
                 f"{'training thread in loader, ms/batch':>38} {'DALI reader CPU':>18}",
                 f"{'':<16} {'':>22} {'':>24} {'CPU':>18} {'wall':>19} {'ms/batch':>18}"]
         for variant, values in self.images_per_s.items():
-            low, high = median_interval(self.round_ratios(variant))
-            ratio = f"{self.ratio(variant):.2f} ({low:.2f}-{high:.2f})"
+            ratio = ratio_cell(self.round_ratios(variant))
             reader = self.reader_cpu_ms_per_batch.get(variant)
             rows.append(f"{variant:<16} {spread(values):>22} {ratio:>24} "
                         f"{spread(self.loader_cpu_ms_per_batch[variant]):>18} "

@@ -21,11 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.schema import DataConfig
-from launch.bench import median_interval, spread, trust_warning
+from launch.bench import paired_ratios, ratio_cell, spread, trust_warning
 
 CACHE_SHARES = {"s3-warm-100%": 1.0, "s3-50%": 0.5, "s3-25%": 0.25}
 """Streaming variants with a cache kept across rounds -> the cache limit as a share of the training set (the
 untimed first epoch fills it: at 100% nothing is fetched after it)."""
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout_s: float = 60) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port`; RuntimeError naming `what` if `process`
+    ends first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -49,15 +63,7 @@ def local_s3_server(port: int | None = None) -> Iterator[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = dict(os.environ)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto's S3 server did not start (is moto[server] installed?)") from None
-                time.sleep(0.1)
+        wait_for_port(port, server, "moto's S3 server (is moto[server] installed?)")
         endpoint = f"http://127.0.0.1:{port}"
         os.environ.update(s3_environment(endpoint))
         s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps clients per process, made with the old settings
@@ -86,8 +92,7 @@ class StreamingBench:
     """Streaming variant -> bytes its cache fetched in each round's epoch."""
 
     def round_ratios(self, variant: str) -> list[float]:
-        return [mine / folder for mine, folder in zip(self.images_per_s[variant], self.images_per_s["folder"],
-                                                      strict=True)]
+        return paired_ratios(self.images_per_s[variant], self.images_per_s["folder"])
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -98,8 +103,7 @@ class StreamingBench:
                 f"{len(self.images_per_s['folder'])} rounds",
                 f"{'source':<14} {'images/s':>22} {'/ folder (95% interval)':>24} {'fetched per epoch':>20}"]
         for variant, values in self.images_per_s.items():
-            low, high = median_interval(self.round_ratios(variant))
-            ratio = f"{statistics.median(self.round_ratios(variant)):.2f} ({low:.2f}-{high:.2f})"
+            ratio = ratio_cell(self.round_ratios(variant))
             fetched = self.fetched_bytes.get(variant)
             share = f"{statistics.median(fetched) / self.set_bytes:.0%} of the set" if fetched else "-"
             rows.append(f"{variant:<14} {spread(values):>22} {ratio:>24} {share:>20}")

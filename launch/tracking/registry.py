@@ -136,15 +136,14 @@ class Evaluation:
 def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device) -> Evaluation:
     """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`
     (or of the packed data set there), with its own evaluation preprocessing, in this process on `device`."""
-    from data_pipeline import open_packed, prepare_dataset
+    from data_pipeline import packed_local_folder, prepare_dataset
     from data_pipeline.prepare import INDEX_FOLDER, index_digest, index_folder
     from data_pipeline.shards import is_packed
 
     trained = load_trained(uri, tracking_uri=client.tracking_uri)
     data_cfg = replace(trained.cfg.data, dataset="folder", root=data, index_dir=None)
     if is_packed(data):  # read from its shards; the index is the one `data prepare` wrote, so is its digest
-        (_, val), _ = open_packed(data_cfg)
-        root, index_dir, folder = data, None, val.root.parent / INDEX_FOLDER
+        root, index_dir, folder = data, None, packed_local_folder(data_cfg) / INDEX_FOLDER
     else:  # staged once (a URL) here; the evaluation then reads the local copy
         staged, index_dir = prepare_dataset(data_cfg)
         root, folder = str(staged), index_folder(staged, index_dir)

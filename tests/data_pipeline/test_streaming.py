@@ -17,7 +17,7 @@ import s3fs
 from configs.schema import DataConfig
 from data_pipeline import DatasetError, build_loaders, open_packed
 from data_pipeline.shard_cache import PARTIAL, ShardCache
-from data_pipeline.shards import MANIFEST, Shard, pack_dataset, read_manifest, train_order
+from data_pipeline.shards import MANIFEST, pack_dataset, read_manifest, train_order
 from data_pipeline.sharding import ShardedBatchSampler
 from data_pipeline.staging import stage_dataset
 from launch.cli import main
@@ -111,12 +111,13 @@ def test_streaming_from_s3_with_a_cache_of_half_the_set(packed: Path, s3_bucket:
     local = build_loaders(config(packed), seed=3)
     cache = streamed.train.source.where  # type: ignore[attr-defined]
     assert isinstance(cache, ShardCache)
+    largest = max(shard.num_bytes for shard in read_manifest(str(packed))["train"])
     for epoch in (0, 1):
         for (a, labels_a), (b, labels_b) in zip(streamed.train.iter_epoch(epoch), local.train.iter_epoch(epoch),
                                                 strict=True):
             assert torch_equal(a, b) and torch_equal(labels_a, labels_b)
             # at most the limit, plus what the fetch threads had in flight
-            assert cached_bytes(cache.folder) <= train_bytes / 2 + 4 * max(s.num_bytes for s in cache_shards(packed))
+            assert cached_bytes(cache.folder) <= train_bytes / 2 + 4 * largest
     # Half the set fits: the oldest shards made room, and the second epoch fetched most of them again.
     assert cache.fetched_bytes > 1.5 * train_bytes and cache.evicted_shards > 0
     assert not list((cache.folder / PARTIAL).rglob("*.tar*"))
@@ -130,10 +131,6 @@ def test_dataloader_workers_stream_through_the_same_cache(packed: Path, s3_bucke
     for (a, labels_a), (b, labels_b) in zip(streamed.train.iter_epoch(1, 35), local.train.iter_epoch(1, 35),
                                             strict=True):
         assert torch_equal(a, b) and torch_equal(labels_a, labels_b)
-
-
-def cache_shards(packed: Path) -> tuple[Shard, ...]:
-    return read_manifest(str(packed))["train"]
 
 
 def test_a_dropped_connection_and_a_corrupt_cached_shard_are_fetched_again(packed: Path, s3_bucket: str,
