@@ -116,14 +116,17 @@ class FsspecStorage:
         full = self._full(path)
         # Listings are read fresh: s3fs caches them per process, and other processes write (leases, commits).
         self.fs.invalidate_cache(full)
-        if not self.fs.exists(full):
+        try:
+            entries = self.fs.ls(full, detail=False)
+        except FileNotFoundError:  # also when, on an object store, its last object went since a check
             return []
-        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(full, detail=False))
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
     def remove(self, path: str) -> None:
-        full = self._full(path)
-        if self.fs.exists(full):
-            self.fs.rm(full, recursive=True)
+        try:
+            self.fs.rm(self._full(path), recursive=True)
+        except FileNotFoundError:  # absent, or gone since (another writer removed it)
+            pass
 
     def move(self, path: str, new_path: str) -> None:
         source, target = self._full(path), self._full(new_path)
