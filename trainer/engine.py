@@ -22,10 +22,11 @@ from trainer.ema import Ema
 from trainer.init import apply_initial_state
 from trainer.lease import Claimant, hold_writer_lease
 from trainer.loop import Learner, TrainResult, train
+from trainer.losses import build_criterion
 from trainer.meter import IntervalMeter
 from trainer.metrics import MetricSink
 from trainer.mix import BatchMixer
-from trainer.models import build_model
+from trainer.models import DropPathSeeds, build_model
 from trainer.optim import build_optimizer, peak_learning_rate
 from trainer.precision import resolve_compile, resolve_precision
 from trainer.preempt import watch_for_preemption
@@ -74,12 +75,14 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     optimizer = build_optimizer(bare_module(model), cfg.optim, peak_lr)
     ema = Ema(bare_module(model), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     strategy = build_strategy(model, optimizer, precision.grad_scaler(), cfg.distributed, ctx,
-                              micro_batch_size=cfg.data.batch_size, accumulation_steps=accumulation_steps)
+                              micro_batch_size=cfg.data.batch_size, accumulation_steps=accumulation_steps,
+                              clip_grad_norm=cfg.optim.clip_grad_norm)
     learner = Learner(strategy=strategy, ema=ema, precision=precision,
-                      criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+                      criterion=build_criterion(cfg.optim, num_classes=cfg.model.num_classes),
                       channels_last=cfg.precision.channels_last, accumulation_steps=accumulation_steps,
                       flip_average=cfg.data.val_flip_average,
-                      mixer=BatchMixer(cfg.data, num_classes=cfg.model.num_classes, seed=cfg.seed))
+                      mixer=BatchMixer(cfg.data, num_classes=cfg.model.num_classes, seed=cfg.seed),
+                      drop_path=DropPathSeeds(cfg.seed, ctx.rank) if cfg.model.drop_path_rate else None)
     cadence = Cadence(schedule=cfg.schedule, steps_per_epoch=len(loaders.train) // accumulation_steps,
                       accumulation_steps=accumulation_steps, peak_lr=peak_lr,
                       log_interval_steps=cfg.tracking.log_interval_steps,
@@ -160,10 +163,12 @@ def check_distributed(cfg: RunConfig, ctx: DistContext) -> None:
             raise IncompatibleSettings(
                 "precision.dtype='fp16' with distributed.strategy='deepspeed': DeepSpeed's loss scaling comes "
                 "with its fp16 mode, which casts BatchNorm to half; use bf16 (or ddp for fp16)")
-        if cfg.optim.name == "lars":
+        if cfg.optim.name == "lars" or (cfg.optim.name == "lamb" and cfg.distributed.zero_stage > 0):
             raise IncompatibleSettings(
-                "optim.name='lars' with distributed.strategy='deepspeed': ZeRO flattens parameters, so LARS "
-                "cannot see whole layers; use distributed.strategy='ddp'")
+                f"optim.name={cfg.optim.name!r} with distributed.strategy='deepspeed' and "
+                f"zero_stage={cfg.distributed.zero_stage}: ZeRO flattens parameters into partitions, so the "
+                "layer-wise trust ratio cannot see whole layers; use distributed.strategy='ddp'"
+                + (" or zero_stage=0" if cfg.optim.name == "lamb" else ""))
         if cfg.precision.compile is True:
             raise IncompatibleSettings("precision.compile=true with distributed.strategy='deepspeed' is not "
                                        "supported; use ddp to compile")

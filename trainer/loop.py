@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from trainer.evaluate import evaluate
 from trainer.meter import IntervalMeter, IntervalReport, TrainingDiverged
 from trainer.metrics import MetricSink
 from trainer.mix import BatchMixer
+from trainer.models import DropPathSeeds
 from trainer.precision import Precision
 from trainer.preempt import Preempted
 from trainer.state import Checkpointer
@@ -60,11 +61,14 @@ class TrainResult:
         return self.train_images / self.train_time_s if self.train_time_s else 0.0
 
 
-def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module,
-               micro_batches: list[Batch]) -> torch.Tensor:
-    """Forward and backward over each micro-batch, then one update; returns the mean loss, on the device."""
+def train_step(strategy: Strategy, precision: Precision, criterion: nn.Module, micro_batches: list[Batch], *,
+               before_forward: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Forward and backward over each micro-batch, then one update; returns the mean loss, on the device.
+    `before_forward(i)` runs before micro-batch i's forward pass (seeding stochastic depth)."""
     total_loss = torch.zeros((), device=precision.device)
     for i, (images, labels) in enumerate(micro_batches):
+        if before_forward is not None:
+            before_forward(i)
         # Gradients are reduced across ranks only on the last micro-batch's backward.
         sync = i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else strategy.no_sync():
@@ -96,6 +100,8 @@ class Learner:
     """Evaluate on each image and its mirror image, averaging the logits (data.val_flip_average)."""
     mixer: BatchMixer | None = None
     """Mixup/CutMix of the training micro-batches, if on."""
+    drop_path: DropPathSeeds | None = None
+    """Seeds stochastic depth's draws per micro-batch, if on."""
 
     def running_stats(self) -> list[torch.Tensor]:
         """The floating buffers of the model and of its weight average: their BatchNorm running averages, which
@@ -126,7 +132,10 @@ class Learner:
         once reduced), and the optimizer skips that step on the device; the meter only counts it."""
         if self.mixer is not None:
             micro_batches = self.mixer.mix(micro_batches, step=step)
-        loss = train_step(self.strategy, self.precision, self.criterion, micro_batches)
+        seeds = self.drop_path
+        loss = train_step(self.strategy, self.precision, self.criterion, micro_batches,
+                          before_forward=None if seeds is None else
+                          lambda i: seeds.seed_micro_batch(step=step, micro_batch=i))
         if self.ema is not None:
             self.ema.update(self.strategy.unwrapped())
         return loss

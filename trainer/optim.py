@@ -1,6 +1,9 @@
-"""The optimiser: SGD with momentum, or LARS for very large batches; weight decay only where it regularises."""
+"""The optimiser: SGD with momentum, LARS for very large batches, AdamW, or LAMB; weight decay only where it
+regularises."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -53,13 +56,66 @@ class LARS(torch.optim.Optimizer):
                 param.add_(update, alpha=-group["lr"])
 
 
+class LAMB(torch.optim.Optimizer):
+    """Adam's bias-corrected moments, then a layer-wise trust ratio (You et al. 2019,
+    https://arxiv.org/abs/1904.00962), in the NVLAMB form of NVIDIA's apex FusedLAMB and timm's `Lamb`:
+    update = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled by ||w|| / ||update||; w -= lr * update.
+
+    As in timm (which "ResNet strikes back" trained with), groups with weight_decay 0 (BatchNorm and bias
+    parameters) take the Adam update without the trust ratio. Unlike timm's, this class does not clip the
+    global gradient norm itself: optim.clip_grad_norm does, after fp16 unscaling, for every optimiser. A step
+    whose gradients are non-finite is skipped: the gradient scaler checks them (DDP, one process), or the
+    DeepSpeed strategy sets `found_inf` for the step.
+    """
+
+    def __init__(self, params: list[dict[str, object]], *, lr: float, betas: tuple[float, float],
+                 eps: float) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):  # one host sync, only under DeepSpeed
+            return
+        for group in self.param_groups:
+            (beta1, beta2), eps, weight_decay = group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
+                state["step"] += 1
+                step = int(state["step"])
+                state["exp_avg"].lerp_(param.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                update = (state["exp_avg"] / (1 - beta1**step)).div_(denominator)
+                if weight_decay:
+                    update.add_(param, alpha=weight_decay)
+                    weight_norm, update_norm = param.norm(), update.norm()
+                    # A zero norm (zero-initialised weights, no update) carries no scale: ratio 1.
+                    trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
+                                        torch.ones_like(weight_norm))
+                    update.mul_(trust)
+                param.add_(update, alpha=-group["lr"])
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, peak_lr: float) -> torch.optim.Optimizer:
-    """SGD or LARS over `model`'s parameters; the schedule sets the lr of every group each step, from `peak_lr`."""
+    """The configured optimiser over `model`'s parameters; the schedule sets the lr of every group each step,
+    from `peak_lr`."""
+    groups = parameter_groups(model, cfg.weight_decay)
     if cfg.name == "lars":
-        return LARS(parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum,
-                    nesterov=cfg.nesterov, eta=cfg.lars_eta)
+        return LARS(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta)
+    if cfg.name == "lamb":
+        return LAMB(groups, lr=peak_lr, betas=cfg.adam_betas, eps=1e-6 if cfg.adam_eps is None else cfg.adam_eps)
+    if cfg.name == "adamw":
+        # Fused, like SGD below: one kernel, and it reads the scaler's found-inf flag on the device.
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.adam_betas,
+                                 eps=1e-8 if cfg.adam_eps is None else cfg.adam_eps, fused=True)
     optimizer = torch.optim.SGD(
-        parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
         # One kernel for all parameters, and it reads the gradient scaler's found-inf flag on the device,
         # so skipping a non-finite step needs no host sync.
         fused=True,

@@ -23,6 +23,10 @@ class ModelConfig:
     """Anti-aliased downsampling (BlurPool, Zhang 2019, as FFCV's and Composer's ResNet recipes use it): strided
     convolutions and the max-pool blur first. The state dict keeps torchvision's names, but the function
     differs: checkpoints and registered versions record it."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the rate at which training skips the last residual block's branch per image, growing
+    linearly from 0 at the first block (timm's drop_path_rate; "ResNet strikes back" uses 0.05). Evaluation
+    and the exported model keep every branch; the state dict is unchanged. 0: off."""
     init_from: str | None = None
     """Fine-tuning: start from these weights instead of random ones (a fresh optimizer and schedule): a
     torchvision-layout state dict file or URL (e.g. torchvision's ImageNet weights), a run's checkpoints
@@ -31,3 +35,4 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(self.num_classes >= 2, "num_classes", self.num_classes, "must be >= 2")
+        require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "must be in [0, 1)")

@@ -10,12 +10,19 @@ from configs.schema.base import CompileMode, require
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OptimConfig:
-    """Loss and optimiser: SGD or LARS with momentum, no weight decay on BatchNorm and bias parameters."""
+    """Loss and optimiser: SGD, LARS, AdamW or LAMB, no weight decay on BatchNorm and bias parameters."""
 
-    name: Literal["sgd", "lars"] = "sgd"
-    """sgd: SGD with momentum; lars: layer-wise adaptive rate scaling, for global batches of 8k and more."""
+    name: Literal["sgd", "lars", "adamw", "lamb"] = "sgd"
+    """sgd: SGD with momentum; lars: layer-wise adaptive rate scaling, for global batches of 8k and more;
+    adamw: Adam with decoupled weight decay (torch's fused AdamW); lamb: Adam moments with a layer-wise trust
+    ratio (You et al. 2019), the optimiser of timm's "ResNet strikes back" recipes."""
     lars_eta: float = 0.001
     """LARS trust coefficient: each layer's step is scaled by eta x ||w|| / (||g|| + weight_decay x ||w||)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW and LAMB: decay rates of the gradient's running mean and of its running square."""
+    adam_eps: float | None = None
+    """AdamW and LAMB: the term added to the root of the running square; None: each one's usual default
+    (AdamW 1e-8 as torch, LAMB 1e-6 as timm and NVIDIA's apex)."""
     lr: float = 0.1
     """Peak learning rate; with `scale_lr` it is the rate for a global batch of 256 images."""
     scale_lr: bool = True
@@ -26,8 +33,17 @@ class OptimConfig:
     """Use Nesterov momentum."""
     weight_decay: float = 1e-4
     """L2 penalty on conv and FC weights (never on BatchNorm or bias parameters)."""
+    loss: Literal["ce", "bce"] = "ce"
+    """ce: softmax cross-entropy; bce: binary cross-entropy of each class's sigmoid against its target
+    probability (timm's BinaryCrossEntropy, as in "ResNet strikes back"), mixed targets included."""
     label_smoothing: float = 0.1
-    """Mass spread uniformly over all classes in the cross-entropy target."""
+    """Mass spread uniformly over all classes in the target (ce and bce alike; bce: before the threshold)."""
+    bce_target_threshold: float | None = None
+    """bce: targets above this become 1 and the rest 0, after mixing and smoothing (timm's --bce-target-thresh;
+    "ResNet strikes back" uses 0.2); None: the probabilities as they are."""
+    clip_grad_norm: float | None = None
+    """Scale the gradients down where their global L2 norm exceeds this, after they are averaged over ranks and
+    unscaled (fp16), before the optimiser steps; None: no clipping."""
     accumulation_steps: int = 1
     """Micro-batches of data.batch_size per optimiser step: the global batch is batch_size x world size x this."""
     max_nonfinite_steps: int = 20
@@ -39,6 +55,15 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(self.lars_eta > 0, "lars_eta", self.lars_eta, "must be > 0")
+        require(len(self.adam_betas) == 2 and all(0 <= beta < 1 for beta in self.adam_betas), "adam_betas",
+                 self.adam_betas, "must be two decay rates in [0, 1)")
+        require(self.adam_eps is None or self.adam_eps > 0, "adam_eps", self.adam_eps, "must be > 0 (or null)")
+        require(self.bce_target_threshold is None or 0 <= self.bce_target_threshold < 1, "bce_target_threshold",
+                 self.bce_target_threshold, "must be in [0, 1) (or null)")
+        require(self.bce_target_threshold is None or self.loss == "bce", "bce_target_threshold",
+                 self.bce_target_threshold, "applies to optim.loss='bce' only")
+        require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", self.clip_grad_norm,
+                 "must be > 0 (or null: no clipping)")
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         require(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "needs momentum > 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

@@ -19,7 +19,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from configs.schema import RunConfig
 
@@ -83,6 +82,7 @@ def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device
     timed round runs in (bench gpu samples the GPU's utilisation there)."""
     from data_pipeline.synthetic import SyntheticLoader
     from trainer import prepare_model
+    from trainer.losses import build_criterion
     from trainer.models import build_model
     from trainer.optim import build_optimizer
     from trainer.precision import resolve_compile, resolve_precision
@@ -94,7 +94,7 @@ def bare_rounds(cfg: RunConfig, *, steps: int, rounds: int, device: torch.device
     optimizer = build_optimizer(bare_module(model), cfg.optim, cfg.optim.lr)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = build_criterion(cfg.optim, num_classes=cfg.model.num_classes)
     batches = SyntheticLoader(cfg.data, train=True, num_batches=(rounds + 1) * steps, seed=cfg.seed,
                               device=device).iter_epoch(0)
     model.train()

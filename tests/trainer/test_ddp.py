@@ -86,9 +86,11 @@ def test_evaluation_over_uneven_shards_equals_single_process(digits_root: Path, 
 
 def test_two_ranks_interrupted_mid_epoch_resume_to_bitwise_identical_weights(digits_root: Path,
                                                                             tmp_path: Path) -> None:
-    # 2 epochs of 22 steps; checkpoints at 14, 22, 28 (interval) and 44; the crash comes at step 30.
+    # 2 epochs of 22 steps; checkpoints at 14, 22, 28 (interval) and 44; the crash comes at step 30. With
+    # LAMB, BCE, clipping and stochastic depth (seeded per rank), whose state and draws must resume exactly.
     extra = ["distributed.strategy=ddp", "schedule.epochs=2", "checkpoint.interval_steps=14",
-             "checkpoint.keep_last=10", "tracking.log_interval_steps=10"]
+             "checkpoint.keep_last=10", "tracking.log_interval_steps=10", "optim.name=lamb", "optim.lr=0.004",
+             "optim.weight_decay=0.02", "optim.loss=bce", "optim.clip_grad_norm=1.0", "model.drop_path_rate=0.1"]
     whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
     assert run_ranks(config(digits_root, tmp_path / "resumed", *extra), crash_at=30) == [None, None]
     manager = open_checkpoints(str(tmp_path / "resumed"), keep_last=10)

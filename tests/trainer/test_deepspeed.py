@@ -98,10 +98,15 @@ def test_zero_trains_exactly_like_ddp_and_evaluates_exactly(stage: int, digits_r
 
 
 # Stage 1 (the shipped 8-GPU recipe's) and stage 2 (whose checkpoint holds each rank's gradient partition
-# as well).
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_resumes_mid_epoch_bit_for_bit(stage: int, digits_root: Path, tmp_path: Path) -> None:
-    extra = ["distributed.strategy=deepspeed", f"distributed.zero_stage={stage}"]
+# as well), the latter with AdamW, BCE, clipping (DeepSpeed's own, over all partitions) and stochastic depth.
+ADAMW_TOOLBOX = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05", "optim.loss=bce",
+                 "optim.clip_grad_norm=0.5", "model.drop_path_rate=0.1"]
+
+
+@pytest.mark.parametrize(("stage", "toolbox"), [(1, []), (2, ADAMW_TOOLBOX)], ids=["zero1", "zero2-adamw"])
+def test_zero_resumes_mid_epoch_bit_for_bit(stage: int, toolbox: list[str], digits_root: Path,
+                                            tmp_path: Path) -> None:
+    extra = ["distributed.strategy=deepspeed", f"distributed.zero_stage={stage}", *toolbox]
     whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
     # Crash at step 30, resume from step 28 (mid-epoch): the same final weights, bit for bit.
     assert run_ranks(config(digits_root, tmp_path / "resumed", *extra), crash_at=30) == [None, None]
@@ -148,7 +153,8 @@ def test_zero_state_of_two_ranks_does_not_load_into_one(digits_root: Path, tmp_p
 
 @pytest.mark.parametrize(("override", "message"), [
     ("precision.dtype=fp16", "DeepSpeed's loss scaling comes with its fp16 mode"),
-    ("optim.name=lars", "LARS cannot see whole layers"),
+    ("optim.name=lars", "trust ratio cannot see whole layers"),
+    ("optim.name=lamb", "trust ratio cannot see whole layers; use distributed.strategy='ddp' or zero_stage=0"),
     ("precision.compile=true", "not supported"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(digits_root: Path, tmp_path: Path, override: str, message: str) -> None:
@@ -179,3 +185,6 @@ def test_the_deepspeed_config_says_everything_deepspeed_would_otherwise_default(
     assert config["train_batch_size"] == 32 * 4 * 8 and config["managed_gradient_accumulation"] is False
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50 * 2**20 // 4,
                                            "allgather_bucket_size": 50 * 2**20 // 4}
+    # optim.clip_grad_norm reaches DeepSpeed, which clips the global norm over all partitions.
+    assert deepspeed_config(DistributedConfig(strategy="deepspeed"), micro_batch_size=32, accumulation_steps=1,
+                            world_size=2, clip_grad_norm=0.5)["gradient_clipping"] == 0.5

@@ -35,12 +35,19 @@ def final(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return from_bytes(manager.read(manifest.step, "model.pt")), manifest.meta
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_one_process_mixed_precision_resumes_exactly(dtype: str, tmp_path: Path) -> None:
-    whole = trainer.run(config(tmp_path / "whole", dtype), single_process_context(), [])
+# A recipe of "ResNet strikes back"'s levers: LAMB, BCE with a target threshold, clipping, stochastic depth and
+# mixup, whose state and draws must all resume exactly; fp16 also clips after unscaling.
+TOOLBOX = ["optim.name=lamb", "optim.lr=0.008", "optim.weight_decay=0.02", "optim.loss=bce",
+           "optim.bce_target_threshold=0.2", "optim.clip_grad_norm=1.0", "model.drop_path_rate=0.2",
+           "data.mixup_alpha=0.2"]
+
+
+@pytest.mark.parametrize(("dtype", "extra"), [("bf16", []), ("fp16", TOOLBOX)], ids=["bf16", "fp16-toolbox"])
+def test_one_process_mixed_precision_resumes_exactly(dtype: str, extra: list[str], tmp_path: Path) -> None:
+    whole = trainer.run(config(tmp_path / "whole", dtype, *extra), single_process_context(), [])
     with pytest.raises(Interrupt):
-        trainer.run(config(tmp_path / "resumed", dtype), single_process_context(), [CrashAt(6)])
-    resumed = trainer.run(config(tmp_path / "resumed", dtype), single_process_context(), [])
+        trainer.run(config(tmp_path / "resumed", dtype, *extra), single_process_context(), [CrashAt(6)])
+    resumed = trainer.run(config(tmp_path / "resumed", dtype, *extra), single_process_context(), [])
     assert resumed.start_step == 4 and resumed.steps == whole.steps == 8
     weights, meta = final(tmp_path / "resumed")
     reference, _ = final(tmp_path / "whole")
@@ -55,12 +62,15 @@ def test_one_process_mixed_precision_resumes_exactly(dtype: str, tmp_path: Path)
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
-def test_two_ranks_in_bf16_train_checkpoint_resume_and_evaluate(strategy: str, tmp_path: Path) -> None:
-    # The shipped ZeRO-1 recipe's combination (DeepSpeed, ZeRO-1, bf16 by torch autocast), shrunk; 2 ranks of
-    # 32 make 4 steps an epoch: checkpoints at 4, 6 (interval) and 8.
+@pytest.mark.parametrize(("strategy", "optimizer"), [("ddp", "lamb"), ("deepspeed", "adamw")])
+def test_two_ranks_in_bf16_train_checkpoint_resume_and_evaluate(strategy: str, optimizer: str,
+                                                               tmp_path: Path) -> None:
+    # The shipped ZeRO-1 recipe's combination (DeepSpeed, ZeRO-1, bf16 by torch autocast), shrunk, with the
+    # adaptive optimisers, clipping and stochastic depth; 2 ranks of 32 make 4 steps an epoch: checkpoints at
+    # 4, 6 (interval) and 8.
     extra = [f"distributed.strategy={strategy}", "distributed.zero_stage=1", "data.synthetic_images=256",
-             "checkpoint.interval_steps=6"]
+             "checkpoint.interval_steps=6", f"optim.name={optimizer}", "optim.lr=0.001", "optim.clip_grad_norm=1.0",
+             "model.drop_path_rate=0.1"]
     cfg = config(tmp_path, "bf16", *extra)
     assert run_ranks(cfg, crash_at=8) == [None, None]  # the crash comes after step 6's checkpoint
     assert open_checkpoints(str(tmp_path)).latest().step == 6  # type: ignore[union-attr]

@@ -38,12 +38,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth, if on (trainer/models/drop_path.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The BatchNorm closing the residual branch (zero-initialised so the block starts as identity)."""
@@ -66,13 +67,14 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth, if on (trainer/models/drop_path.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.drop_path(out) + identity)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The BatchNorm closing the residual branch (zero-initialised so the block starts as identity)."""

@@ -60,20 +60,21 @@ class Strategy(Protocol):
 
 
 def build_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   cfg: DistributedConfig, ctx: DistContext, *, micro_batch_size: int,
-                   accumulation_steps: int) -> Strategy:
+                   cfg: DistributedConfig, ctx: DistContext, *, micro_batch_size: int, accumulation_steps: int,
+                   clip_grad_norm: float | None = None) -> Strategy:
     """Wrap `model` (already on its device, in its memory format, maybe compiled) for `cfg.strategy`. DDP of one
     process is the single-process strategy (the same arithmetic, no process group needed), so that a recipe
-    for N workers also runs with one."""
+    for N workers also runs with one. `clip_grad_norm`: optim.clip_grad_norm, applied by each strategy to the
+    averaged, unscaled gradients."""
     if cfg.strategy == "ddp" and ctx.world_size > 1:
         from trainer.strategy.ddp import DDPStrategy
 
-        return DDPStrategy(model, optimizer, scaler, cfg, ctx)
+        return DDPStrategy(model, optimizer, scaler, cfg, ctx, clip_grad_norm=clip_grad_norm)
     if cfg.strategy == "deepspeed":
         from trainer.strategy.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(model, optimizer, cfg, ctx, micro_batch_size=micro_batch_size,
-                                 accumulation_steps=accumulation_steps)
+                                 accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm)
     from trainer.strategy.single import SingleStrategy
 
-    return SingleStrategy(model, optimizer, scaler)
+    return SingleStrategy(model, optimizer, scaler, clip_grad_norm=clip_grad_norm)

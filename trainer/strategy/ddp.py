@@ -22,7 +22,7 @@ class DDPStrategy(SingleStrategy):
     """`SingleStrategy` with the model wrapped in DDP (nccl on GPUs, gloo on CPUs)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 cfg: DistributedConfig, ctx: DistContext) -> None:
+                 cfg: DistributedConfig, ctx: DistContext, *, clip_grad_norm: float | None = None) -> None:
         self.bare = bare_module(model)
         wrapped = DistributedDataParallel(
             model,
@@ -31,7 +31,7 @@ class DDPStrategy(SingleStrategy):
             # Gradients are written straight into the communication buckets: one copy less per step.
             gradient_as_bucket_view=True,
         )
-        super().__init__(wrapped, optimizer, scaler, is_primary=ctx.is_primary)
+        super().__init__(wrapped, optimizer, scaler, is_primary=ctx.is_primary, clip_grad_norm=clip_grad_norm)
 
     def no_sync(self) -> contextlib.AbstractContextManager[object]:
         assert isinstance(self.model, DistributedDataParallel)

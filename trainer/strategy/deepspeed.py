@@ -43,8 +43,9 @@ TAG = "engine"
 
 
 def deepspeed_config(cfg: DistributedConfig, *, micro_batch_size: int, accumulation_steps: int,
-                     world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for `cfg`: everything DeepSpeed would otherwise default is said here."""
+                     world_size: int, clip_grad_norm: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg`: everything DeepSpeed would otherwise default is said here.
+    `clip_grad_norm`: optim.clip_grad_norm, which DeepSpeed applies to the global norm over all partitions."""
     bucket_elements = cfg.bucket_cap_mb * 2**20 // 4  # fp32 gradients
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -52,8 +53,8 @@ def deepspeed_config(cfg: DistributedConfig, *, micro_batch_size: int, accumulat
         "train_batch_size": micro_batch_size * accumulation_steps * world_size,
         # The loop calls backward once per micro-batch and step once per optimiser step, as with DDP.
         "managed_gradient_accumulation": False,
-        # DeepSpeed >= 0.19.3 clips gradients at norm 1.0 unless told otherwise; these recipes never clip.
-        "gradient_clipping": 0.0,
+        # DeepSpeed >= 0.19.3 clips gradients at norm 1.0 unless told otherwise: only optim.clip_grad_norm clips.
+        "gradient_clipping": 0.0 if clip_grad_norm is None else clip_grad_norm,
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
         "zero_optimization": {
@@ -78,14 +79,15 @@ class DeepSpeedStrategy:
     """A DeepSpeed engine around the model and our optimizer; see the module docstring."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DistributedConfig,
-                 ctx: DistContext, *, micro_batch_size: int, accumulation_steps: int) -> None:
+                 ctx: DistContext, *, micro_batch_size: int, accumulation_steps: int,
+                 clip_grad_norm: float | None = None) -> None:
         deepspeed = import_extra("deepspeed")
         # DeepSpeed insists on the variable even when it is handed an initialised process group.
         os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
         self.world_size = ctx.world_size
         self.zero_stage = cfg.zero_stage
         config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
-                                  world_size=ctx.world_size)
+                                  world_size=ctx.world_size, clip_grad_norm=clip_grad_norm)
         # DeepSpeed would place itself on cuda:LOCAL_RANK unless told the device: under Ray those differ.
         self.engine, wrapped_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=deepspeed_device_rank(ctx)), model=model, optimizer=optimizer,

@@ -24,11 +24,12 @@ class SingleStrategy:
     """The model as it is; the optimizer stepped through the gradient scaler (a pass-through unless fp16)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                 is_primary: bool = True) -> None:
+                 is_primary: bool = True, clip_grad_norm: float | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
         self.is_primary = is_primary
+        self.clip_grad_norm = clip_grad_norm
 
     def no_sync(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -37,6 +38,12 @@ class SingleStrategy:
         self.scaler.scale(loss).backward()
 
     def step(self) -> None:
+        if self.clip_grad_norm is not None:
+            # On the true gradients (fp16: unscaled first; the scaler then steps without unscaling again), which
+            # DDP has already averaged over ranks: every rank clips by the same global norm. Non-finite
+            # gradients stay non-finite, and the step is skipped as without clipping.
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.unwrapped().parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
