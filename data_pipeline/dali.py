@@ -141,7 +141,8 @@ class DaliLoader:
         self.dtype = dtype
         self.sampler = ShardedBatchSampler(len(index.samples), batch_size=cfg.batch_size, rank=rank,
                                            world_size=world_size, seed=seed, train=train,
-                                           order=source.order if source is not None else None)
+                                           order=source.order if source is not None else None,
+                                           repeats=cfg.repeated_augmentation)
         self.reader = BatchReader(num_threads=cfg.reader_threads, lookahead=cfg.reader_lookahead)
         self.planner = BatchPlanner(index, cfg, train=train)
         # Labels and full paths once, so that a batch is read without per-sample Python objects.

@@ -181,7 +181,8 @@ def build_torch_loader(index: SplitIndex, cfg: DataConfig, *, train: bool, seed:
     dataset = ImageDataset(index, cfg, train=train, dtype=dtype, source=source)
     sampler = PlannedBatchSampler(ShardedBatchSampler(len(dataset), batch_size=cfg.batch_size, rank=rank,
                                                       world_size=world_size, seed=seed, train=train,
-                                                      order=source.order if source is not None else None),
+                                                      order=source.order if source is not None else None,
+                                                      repeats=cfg.repeated_augmentation),
                                   index, cfg, train=train, source=source)
     dataloader = DataLoader(
         dataset,

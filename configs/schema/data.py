@@ -99,6 +99,11 @@ class DataConfig:
     """RandAugment: operations applied to each image, one after the other (timm's and torchvision's 2)."""
     rand_augment_magnitude: int = 9
     """RandAugment: strength of every operation, a bin of 0..30 (torchvision's 9; timm's RSB recipes 6-7)."""
+    repeated_augmentation: int = 1
+    """Repeated augmentation (Hoffer et al. 2020; torchvision's RASampler, timm's --aug-repeats): each training
+    epoch shows 1/N of the images N times each, with different crops and augmentations, in N consecutive
+    micro-batches (so on different ranks when there are N or more); epochs keep their length. 1: off.
+    torchvision's ResNet-50 V2 recipe uses 4."""
     random_erasing_prob: float = 0.0
     """Random erasing (Zhong et al. 2020, torchvision's RandomErasing): with this probability a training image
     has a box of 2-33% of its area, aspect ratio 0.3-3.3, set to the mean colour (0 after normalisation)."""
@@ -148,6 +153,8 @@ class DataConfig:
         require(self.rand_augment_ops >= 1, "rand_augment_ops", self.rand_augment_ops, "must be >= 1")
         require(0 <= self.rand_augment_magnitude <= 30, "rand_augment_magnitude", self.rand_augment_magnitude,
                  "must be a bin of 0..30")
+        require(self.repeated_augmentation >= 1, "repeated_augmentation", self.repeated_augmentation,
+                 "must be >= 1 (1: off)")
         require(0 <= self.random_erasing_prob <= 1, "random_erasing_prob", self.random_erasing_prob,
                  "must be in [0, 1]")
         require(self.mixup_alpha >= 0, "mixup_alpha", self.mixup_alpha, "must be >= 0 (0: off)")

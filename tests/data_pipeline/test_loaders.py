@@ -132,3 +132,15 @@ def test_both_loaders_train_each_epoch_at_its_progressive_size(digits_root: Path
         first[loader] = next(loaders.train.iter_epoch(1))[0]
     # The same images at 12 px from both, to decoder/resampler rounding (see test_dali).
     assert (first["dali"] - first["torch"]).abs().mean(dim=(1, 2, 3)).max() < 0.03
+
+
+def test_repeated_augmentation_gives_each_image_again_with_another_crop(digits_root: Path, loader: str) -> None:
+    config = digits_config(digits_root, loader=loader, batch_size=32, repeated_augmentation=2)
+    batches = build_loaders(config, seed=0).train.iter_epoch(0)
+    (images_a, labels_a), (images_b, labels_b) = next(batches), next(batches)
+    # The second micro-batch holds the same images as the first, each augmented again (from its own seed).
+    assert torch.equal(labels_a, labels_b)
+    assert all(not torch.equal(a, b) for a, b in zip(images_a, images_b, strict=True))
+    # Negative control: without repeats the next micro-batch holds other images.
+    plain = build_loaders(dataclasses.replace(config, repeated_augmentation=1), seed=0).train.iter_epoch(0)
+    assert not torch.equal(next(plain)[1], next(plain)[1])
