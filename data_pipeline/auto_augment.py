@@ -102,13 +102,20 @@ def auto_augments_for(seeds: np.ndarray, cfg: DataConfig) -> AugmentDraws:
     """The `num_auto_augment_ops` operations of each training image of a batch, from the samples' seeds (a stream
     of their own: the crops' draws are unchanged by turning this on)."""
     levels = num_auto_augment_ops(cfg)
-    u = uniform_draws(seeds, stream=AUTO_AUGMENT_STREAM, count=3 * levels)
+    # Counter-based draws: the first 3 x levels are the same whatever `count`, so RandAugment's optional draws
+    # (magnitude noise, skipping) leave the others unchanged.
+    u = uniform_draws(seeds, stream=AUTO_AUGMENT_STREAM, count=6 * levels)
     op = below(u[:, :levels], len(AUTO_AUGMENT_OPS))
     if cfg.auto_augment == "trivial":
         magnitude_bin = below(u[:, levels:2 * levels], NUM_MAGNITUDE_BINS)
     else:
-        magnitude_bin = np.full_like(op, cfg.rand_augment_magnitude)
-    negate = u[:, 2 * levels:] < 0.5
+        # timm's magnitude noise: a normal draw around the strength (Box-Muller), rounded to a bin, clipped.
+        noise = np.sqrt(-2 * np.log1p(-u[:, 3 * levels:4 * levels])) * np.cos(2 * np.pi * u[:, 4 * levels:5 * levels])
+        magnitude = cfg.rand_augment_magnitude + cfg.rand_augment_magnitude_std * noise
+        magnitude_bin = np.clip(np.rint(magnitude), 0, NUM_MAGNITUDE_BINS - 1).astype(np.int64)
+        # timm applies each chosen operation with a probability (0.5); a skipped one is the identity.
+        op = np.where(u[:, 5 * levels:] < cfg.rand_augment_prob, op, AUTO_AUGMENT_OPS.index("identity"))
+    negate = u[:, 2 * levels:3 * levels] < 0.5
     return AugmentDraws(op.astype(np.int32), magnitude_bin.astype(np.int32), negate.astype(np.int32))
 
 

@@ -98,7 +98,15 @@ class DataConfig:
     rand_augment_ops: int = 2
     """RandAugment: operations applied to each image, one after the other (timm's and torchvision's 2)."""
     rand_augment_magnitude: int = 9
-    """RandAugment: strength of every operation, a bin of 0..30 (torchvision's 9; timm's RSB recipes 6-7)."""
+    """RandAugment: strength of every operation, a bin of 0..30 (torchvision's 9). timm counts strengths from 0
+    to 10 over the same ranges: its m6 is bin 18 here."""
+    rand_augment_magnitude_std: float = 0.0
+    """RandAugment: standard deviation of a normal noise on each operation's strength, in bins, before rounding
+    and clipping to 0..30 (timm's mstd, x 3: its mstd0.5 is 1.5 here); 0: every operation at exactly
+    rand_augment_magnitude."""
+    rand_augment_prob: float = 1.0
+    """RandAugment: probability that each drawn operation is applied (timm's RandAugment: 0.5; torchvision's
+    and the paper's: 1); a skipped one leaves the image as it is."""
     repeated_augmentation: int = 1
     """Repeated augmentation (Hoffer et al. 2020; torchvision's RASampler, timm's --aug-repeats): each training
     epoch shows 1/N of the images N times each, with different crops and augmentations, in N consecutive
@@ -155,6 +163,9 @@ class DataConfig:
                  "must be a bin of 0..30")
         require(self.repeated_augmentation >= 1, "repeated_augmentation", self.repeated_augmentation,
                  "must be >= 1 (1: off)")
+        require(self.rand_augment_magnitude_std >= 0, "rand_augment_magnitude_std", self.rand_augment_magnitude_std,
+                 "must be >= 0")
+        require(0 <= self.rand_augment_prob <= 1, "rand_augment_prob", self.rand_augment_prob, "must be in [0, 1]")
         require(0 <= self.random_erasing_prob <= 1, "random_erasing_prob", self.random_erasing_prob,
                  "must be in [0, 1]")
         require(self.mixup_alpha >= 0, "mixup_alpha", self.mixup_alpha, "must be >= 0 (0: off)")

@@ -24,7 +24,8 @@ def test_the_recipes_the_readme_lists_are_shipped() -> None:
         "resnet50-imagenet-lars-32k-64gpu", "resnet50-imagenet-zero1-8gpu", "resnet101-imagenet-90ep-8gpu",
         "resnet152-imagenet-90ep-8gpu", "resnet50-synthetic-bench-1gpu",
         *(f"resnet50-imagenet-ffcv-{epochs}ep-8gpu" for epochs in (16, 24, 32, 40, 88)),
-        "resnet50-imagenet-composer-mild-36ep-8gpu", "resnet50-imagenet-rsb-a3-100ep-8gpu"}
+        "resnet50-imagenet-composer-mild-36ep-8gpu", "resnet50-imagenet-rsb-a3-100ep-8gpu",
+        "resnet50-imagenet-tv2-600ep-8gpu"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -96,11 +97,30 @@ def test_the_composer_mild_recipe_grows_88_to_176_px_between_40_and_80_percent_a
     assert cfg.model.blurpool and cfg.schedule.epochs == 36
 
 
-def test_the_rsb_a3_recipe_trains_at_160_with_randaugment_and_mixing_and_validates_at_224() -> None:
+def test_the_rsb_a3_recipe_is_timms_a3() -> None:
     cfg = load_config("resnet50-imagenet-rsb-a3-100ep-8gpu")
     assert cfg.data.crop_size(train=True, epoch=0) == 160 and cfg.data.crop_size(train=False) == 224
     assert cfg.data.val_crop_ratio == 0.95 and cfg.data.auto_augment == "rand"
-    assert (cfg.data.rand_augment_ops, cfg.data.rand_augment_magnitude) == (2, 6)
-    assert (cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.data.random_erasing_prob) == (0.1, 1.0, 0.0)
+    data = cfg.data
+    assert (data.rand_augment_ops, data.rand_augment_magnitude, data.rand_augment_magnitude_std,
+            data.rand_augment_prob) == (2, 18, 1.5, 0.5)  # rand-m6-mstd0.5 on timm's 0..10 scale
+    assert (data.mixup_alpha, data.cutmix_alpha, data.random_erasing_prob, data.repeated_augmentation) == (
+        0.1, 1.0, 0.0, 1)
     assert cfg.data.batch_size * cfg.launch.num_workers == 2048 and cfg.schedule.epochs == 100
-    assert cfg.optim.label_smoothing == 0.0
+    optim = cfg.optim
+    assert (optim.name, optim.loss, optim.bce_target_threshold, optim.label_smoothing) == ("lamb", "bce", 0.2, 0.0)
+    assert peak_learning_rate(optim, 2048) == 0.008 and optim.weight_decay == 0.02 and optim.ema_decay == 0
+    assert cfg.model.drop_path_rate == 0.05 and optim.clip_grad_norm == 1.0
+
+
+def test_the_torchvision_v2_recipe_is_torchvisions_command() -> None:
+    cfg = load_config("resnet50-imagenet-tv2-600ep-8gpu")
+    data, optim = cfg.data, cfg.optim
+    assert data.batch_size * cfg.launch.num_workers == 1024 and peak_learning_rate(optim, 1024) == 0.5
+    assert (data.crop_size(train=True, epoch=0), data.crop_size(train=False), round(224 / data.val_crop_ratio)) == (
+        176, 224, 232)
+    assert (data.auto_augment, data.random_erasing_prob, data.repeated_augmentation) == ("trivial", 0.1, 4)
+    assert (data.mixup_alpha, data.cutmix_alpha, optim.label_smoothing, optim.weight_decay) == (0.2, 1.0, 0.1, 2e-5)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, optim.name) == (600, 5, "sgd")
+    # The EMA's half-life in images matches torchvision's (decay 0.99998 adjusted, every 32 steps).
+    assert optim.ema_decay ** 32 == pytest.approx(1 - (1 - 0.99998) * 1024 * 32 / 600, abs=1e-6)

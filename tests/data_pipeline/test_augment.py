@@ -39,6 +39,24 @@ def test_rand_augment_draws_its_number_of_ops_at_its_magnitude() -> None:
     assert {op.op for ops in draws for op in ops} == set(range(len(AUTO_AUGMENT_OPS)))
 
 
+def test_rand_augment_magnitude_noise_and_skipping_follow_timms_rand_m6_mstd05() -> None:
+    plain = DataConfig(auto_augment="rand", rand_augment_magnitude=18)
+    timm_like = DataConfig(auto_augment="rand", rand_augment_magnitude=18, rand_augment_magnitude_std=1.5,
+                           rand_augment_prob=0.5)
+    draws = [(auto_augment_for(plain, seed=seed), auto_augment_for(timm_like, seed=seed)) for seed in SEEDS]
+    bins = np.array([op.magnitude_bin for _, ops in draws for op in ops])
+    # A normal spread of 1.5 bins around 18, rounded: about 25% of the draws stay at 18 (timm's mstd0.5 on its
+    # 0..10 scale); without noise all do.
+    assert bins.mean() == pytest.approx(18, abs=0.1) and bins.std() == pytest.approx(1.5, abs=0.1)
+    assert 0.2 < float(np.mean(bins == 18)) < 0.3
+    identity = AUTO_AUGMENT_OPS.index("identity")
+    # Half the drawn operations are skipped (become the identity); the others are the plain draw's.
+    kept = [(a.op, b.op) for ops_a, ops_b in draws for a, b in zip(ops_a, ops_b, strict=True)]
+    skipped = sum(b == identity != a for a, b in kept)
+    assert skipped / len(kept) == pytest.approx(0.5 * (1 - 1 / len(AUTO_AUGMENT_OPS)), abs=0.03)
+    assert all(b in (a, identity) for a, b in kept)
+
+
 @pytest.mark.parametrize(("policy", "space"), [("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)])
 def test_magnitude_ranges_are_torchvisions(policy: str, space: type) -> None:
     side = 224
