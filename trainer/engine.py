@@ -90,7 +90,7 @@ def run(cfg: RunConfig, ctx: DistContext, sinks: Sequence[MetricSink], *,
     manager = open_checkpoints(cfg.checkpoint.url, keep_last=cfg.checkpoint.keep_last) if cfg.checkpoint.url else None
     with (hold_writer_lease(manager.storage if manager is not None else None, claimant, ctx,
                             timeout_s=cfg.checkpoint.lease_timeout_s) as lease,
-          watch_for_preemption() as preemption):
+          watch_for_preemption(cfg.launch.preempt_grace_s) as preemption):
         checkpointer = Checkpointer(manager=manager, cfg=cfg, strategy=strategy, ema=ema, ctx=ctx, sinks=sinks,
                                     steps_per_epoch=cadence.steps_per_epoch, global_batch_size=global_batch_size,
                                     classes=loaders.classes, extra_meta=extra_meta, lease=lease)

@@ -158,7 +158,7 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, and do what falls
     due (report, checkpoint, stop); per epoch: evaluate, report (with the thresholds `clock` saw reached for
     the first time), checkpoint, and end early at the target accuracy. Stops with `Preempted` after a
-    checkpoint at the first report after SIGTERM (reports hold collectives, so all ranks stop together)."""
+    checkpoint one or two steps after SIGTERM came to any rank (`StopVote`: all ranks stop at the same step)."""
     resumed = checkpointer.resume()
     clock.restore(resumed.meta)
     start_step, val = resumed.step, resumed.val
@@ -169,6 +169,7 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
         learner.train_mode()
         meter.restart()
         batches = loaders.train.iter_epoch(epoch, start_batch=cadence.first_batch(step))
+        stop = False
         while cadence.epoch_of(step) == epoch:
             lr = cadence.learning_rate(step)
             learner.set_learning_rate(lr)
@@ -182,27 +183,36 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
             if step == start_step + 1 and not due.report:
                 # The first step compiles and warms up: timed apart, so that images/s is the steady state's.
                 meter.set_aside_first_step(images=images)
-            stop = False
+            stop = meter.stop_agreed()
             if due.report:
                 report = meter.report()
                 log(sinks, progress(report, step=step, lr=lr, cadence=cadence, meter=meter, start_step=start_step),
                     step)
                 meter.check_divergence(report, step)
                 meter.restart()
-                stop = report.stop_requested
+            if stop and cadence.epoch_of(step) != epoch:
+                break  # the epoch's last step: its evaluation and checkpoint come first (a resume skips them)
             if due.checkpoint or stop:
                 checkpointer.save(step, progress=clock.state())
             if stop:
-                raise Preempted(f"stopped on SIGTERM at step {step}; resume from {checkpointer.where(step)}")
+                raise preempted(meter, checkpointer, step)
         val = learner.evaluate(loaders.val)
         log(sinks, {"epoch": epoch + 1, **val, **clock.record(val["val_top1"], step=step, epoch=epoch + 1)}, step)
         checkpointer.save(step, val, progress=clock.state())
+        if stop:
+            raise preempted(meter, checkpointer, step)
         if cadence.reached_target(val):
             break
     return TrainResult(epochs=cadence.epochs, start_step=start_step, steps=step, train_images=meter.train_images,
                        train_time_s=meter.train_time_s, val=val,
                        stopped_at_target=cadence.reached_target(val) and step < cadence.total_steps,
                        time_to_accuracy=clock.reached)
+
+
+def preempted(meter: IntervalMeter, checkpointer: Checkpointer, step: int) -> Preempted:
+    """The stop on SIGTERM at `step`, whose checkpoint is committed: where to resume, and what the stop took."""
+    return Preempted(f"stopped on SIGTERM at step {step}{meter.stop_vote.flag.describe_stop()}; resume from "
+                     f"{checkpointer.where(step)}")
 
 
 def progress(report: IntervalReport, *, step: int, lr: float, cadence: Cadence, meter: IntervalMeter,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.dist import all_reduce_max, all_reduce_sum
-from trainer.preempt import PreemptionFlag
+from trainer.preempt import PreemptionFlag, StopVote
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,8 +38,6 @@ class IntervalReport:
     """Seconds blocked on the loader, mean over ranks."""
     elapsed_s: float
     """Wall time of the interval on this rank."""
-    stop_requested: bool
-    """Whether any rank received SIGTERM: every rank stops at this report together."""
     first_step_s: float | None = None
     """This process's first step (torch.compile's compilation, cuDNN's algorithm search, the loader's start),
     timed apart, in the first report after it; None in every other report."""
@@ -62,13 +60,13 @@ class IntervalMeter:
     def __init__(self, device: torch.device, running_stats: list[torch.Tensor], *, world_size: int,
                  max_nonfinite_steps: int, preemption: PreemptionFlag) -> None:
         """`running_stats`: the model's floating buffers (BatchNorm running averages), rolled back after a
-        skipped step. `preemption`: this rank's SIGTERM flag, reduced with every report."""
+        skipped step. `preemption`: this rank's SIGTERM flag, voted on after every step (`stop_agreed`)."""
         self.device = device
         # Consecutive non-finite losses up to the latest step, on this rank (carried across intervals).
         self.nonfinite_streak = torch.zeros((), dtype=torch.float64, device=device)
         self.running_stats = running_stats
         self.stats_at_start: list[torch.Tensor] = []
-        self.preemption = preemption
+        self.stop_vote = StopVote(preemption, device)
         self.world_size = world_size
         """Ranks that the data wait is averaged over."""
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -131,16 +129,11 @@ class IntervalMeter:
 
     def report(self) -> IntervalReport:
         """Reduce the interval over ranks: two collectives, which every rank must reach at the same step, and
-        the interval's host syncs (which also make its timing honest). A SIGTERM is acted on here, at most
-        tracking.log_interval_steps after it came, where all ranks agree to stop."""
-        stop_requested = self.preemption.requested
+        the interval's host syncs (which also make its timing honest)."""
         sums = torch.stack([self.loss_sum, self.finite_losses, self.images, self.nonfinite_losses,
                             torch.tensor(self.data_wait_s, dtype=torch.float64, device=self.device)])
         loss_sum, finite_losses, images, nonfinite, data_wait_sum_s = all_reduce_sum(sums).tolist()
-        # One max-reduction for two facts: the longest non-finite streak and whether any rank got SIGTERM.
-        flags = torch.stack([self.longest_streak,
-                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
-        streak, stop = all_reduce_max(flags).tolist()
+        streak = all_reduce_max(self.longest_streak.clone()).item()
         elapsed_s = time.perf_counter() - self.start
         self.train_time_s += elapsed_s
         self.train_images += int(images)
@@ -148,8 +141,12 @@ class IntervalMeter:
         return IntervalReport(
             loss=loss_sum / finite_losses if finite_losses else float("nan"), images=int(images),
             nonfinite_losses=int(nonfinite), longest_nonfinite_streak=int(streak),
-            data_wait_s=data_wait_sum_s / self.world_size, elapsed_s=elapsed_s, stop_requested=bool(stop),
+            data_wait_s=data_wait_sum_s / self.world_size, elapsed_s=elapsed_s,
             first_step_s=self._take_first_step_s())
+
+    def stop_agreed(self) -> bool:
+        """After a step: whether all ranks now agree to stop for a SIGTERM (see `trainer.preempt.StopVote`)."""
+        return self.stop_vote.after_step()
 
     def _take_first_step_s(self) -> float | None:
         first_step_s, self._first_step_s = self._first_step_s, None

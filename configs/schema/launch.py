@@ -42,6 +42,11 @@ class LaunchConfig:
     max_failures: int = 3
     """Ray: worker-group failures (a dead process or node, a preemption) after which the run is restarted from
     its latest checkpoint; one more ends the run with an error naming that checkpoint."""
+    preempt_grace_s: float = 30.0
+    """The time a preempted node gets between SIGTERM and SIGKILL (GCP's spot VMs: 30 s; AWS spot: 120 s;
+    Kubernetes: terminationGracePeriodSeconds). On SIGTERM every rank stops one or two steps later at the same
+    step and commits a checkpoint there; the message says how long that took, and warns when it took longer
+    than this (keep one step plus one checkpoint write well under it)."""
     ray_address: str | None = None
     """Ray: the cluster to join ("auto", "host:6379", "ray://host:10001"); None: $RAY_ADDRESS if set, else a
     new single-machine cluster bound to 127.0.0.1."""
@@ -56,6 +61,7 @@ class LaunchConfig:
         require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
         require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        require(self.preempt_grace_s > 0, "preempt_grace_s", self.preempt_grace_s, "must be > 0")
 
     @property
     def min_workers(self) -> int:

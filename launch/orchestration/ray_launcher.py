@@ -3,10 +3,10 @@ failures. The one module that imports Ray (`pip install 'resnet-train[ray]'`).
 
 The driver (this process) makes the run folder, joins or starts a Ray cluster and waits for a
 `TorchTrainer`, which starts the workers and their process group (gloo on CPUs, nccl on GPUs). A worker
-that dies (SIGKILL, a lost node, or SIGTERM: Ray runs the training function outside the worker's main
-thread, where the trainer cannot catch the signal) fails the worker group; Ray starts a new one, up to
-`launch.max_failures` times, and each new worker resumes from the latest committed checkpoint at its
-exact step and data position, as every start of `trainer.run` does.
+that dies (SIGKILL, a lost node) fails the worker group; so does one that gets SIGTERM (a preempted node),
+after every rank has committed a checkpoint at the step they reach next (trainer/preempt.py). Ray starts a
+new group, up to `launch.max_failures` times, and each new worker resumes from the latest committed
+checkpoint at its exact step and data position, as every start of `trainer.run` does.
 
 The trainer's checkpoint manager is the one record of checkpoints: Ray is told of each in metrics only.
 (Ray checks, when a run of the same name starts again, that every checkpoint it was given still exists;
@@ -33,6 +33,7 @@ from launch.orchestration.summary import RunSummary
 from trainer.checkpoint import open_checkpoints
 from trainer.lease import new_launch_id
 from trainer.meter import TrainingDiverged
+from trainer.preempt import Preempted
 
 
 def run_ray(cfg: RunConfig, *, resume: bool = False) -> RunSummary:
@@ -162,6 +163,17 @@ def _quiet_report_log() -> None:
     logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
+def _catch_sigterm_in_main_thread() -> None:
+    """Make SIGTERM to this worker a preemption (a checkpoint at the step all ranks reach next, then a
+    restart from it) instead of Ray's exit on the spot. Python installs handlers from the main thread only;
+    this function runs in Ray Train's training thread, and the worker actor runs its methods in the main
+    thread, so the handler goes in through one (Ray Train's `execute`, which calls a function there)."""
+    from trainer.preempt import install_sigterm_handler
+
+    ray = import_extra("ray")
+    ray.get(ray.get_runtime_context().current_actor.execute.remote(install_sigterm_handler))
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: its place in the job from Ray's context, then the same process as every launcher."""
     train = import_extra("ray.train")
@@ -178,6 +190,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     if (run_dir / FATAL_FILE).exists():
         return  # an earlier attempt met an error no restart fixes: end at once, the driver reports it
+    _catch_sigterm_in_main_thread()
     try:
         train_process(cfg, ctx, run_dir, launch_id=loop_config["launch_id"], extra_sinks=[RaySink()],
                       print_summary=False)  # the driver prints it
@@ -186,4 +199,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # it and let this process die: the next attempt ends at once (above), and so does the run. (Ending
         # here normally could leave another rank waiting in a collective for ever.)
         record_fatal(run_dir, ctx.rank, error)
+        raise
+    except Preempted as error:
+        # Ray reports one rank's error; each rank says what its stop took (the one that had the signal, how
+        # long after it the checkpoint was committed).
+        print(f"run {cfg.launch.name}: rank {ctx.rank} {error}", flush=True)
         raise

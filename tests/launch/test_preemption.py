@@ -1,8 +1,9 @@
-"""SIGTERM: the run finishes its step, commits a checkpoint at the next report, exits 75, and resumes from it."""
+"""SIGTERM: the run finishes its step, commits a checkpoint a step or two later, exits 75, and resumes from it."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -34,13 +35,15 @@ def test_sigterm_checkpoints_exits_75_and_the_run_resumes(digits_root: Path, tmp
             break
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == exit_status_of(Preempted()).status == 75, stderr
-    # Stopped at the next report after the signal: step 10 (or later if the signal landed late).
+    # Stopped a step or two after the signal came (between reports), after a checkpoint there.
     checkpoints = tmp_path / "first" / "checkpoints"
     committed = sorted(p.name for p in checkpoints.iterdir() if (p / "manifest.json").exists())
     assert len(committed) == 1
     step = int(committed[0][5:])
-    assert step % 5 == 0 and 5 < step < 90
-    assert f"preempted: stopped on SIGTERM at step {step}; resume from {checkpoints / committed[0]}" in stderr
+    assert 5 < step < 90
+    assert re.search(rf"preempted: stopped on SIGTERM at step {step}, checkpoint committed \d+\.\d s after this "
+                     rf"process's SIGTERM \(within launch.preempt_grace_s=30\); resume from "
+                     rf"{re.escape(str(checkpoints / committed[0]))}", stderr), stderr
 
     resumed = subprocess.run(train_command(digits_root, tmp_path, "second", f"checkpoint.url={checkpoints}"),
                              cwd=REPO, capture_output=True, text=True, check=False, timeout=300)

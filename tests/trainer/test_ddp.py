@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,17 +109,34 @@ def test_two_ranks_interrupted_mid_epoch_resume_to_bitwise_identical_weights(dig
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(digits_root: Path, tmp_path: Path) -> None:
     extra = ["distributed.strategy=ddp", "tracking.log_interval_steps=10"]
     whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
-    # Rank 1 alone gets SIGTERM after the report of step 10; both ranks learn of it at step 20's report.
+    # Rank 1 alone gets SIGTERM after step 10 (its report); it votes to stop after step 11, and both ranks
+    # read that vote after step 12, where they stop together, between reports.
     stopped = run_ranks(config(digits_root, tmp_path / "stopped", *extra), sigterm=(1, 10))
-    where = tmp_path / "stopped" / "step_000000020"
-    assert stopped == [f"stopped on SIGTERM at step 20; resume from {where}"] * 2
+    where = tmp_path / "stopped" / "step_000000012"
+    assert stopped[0] == f"stopped on SIGTERM at step 12; resume from {where}"
+    assert re.fullmatch(rf"stopped on SIGTERM at step 12, checkpoint committed \d+\.\d s after this process's "
+                        rf"SIGTERM \(within launch.preempt_grace_s=30\); resume from {re.escape(str(where))}",
+                        stopped[1]), stopped[1]
     manager = open_checkpoints(str(tmp_path / "stopped"), keep_last=1)
     latest = manager.latest()
-    assert latest is not None and latest.step == 20 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
+    assert latest is not None and latest.step == 12 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
     resumed = run_ranks(config(digits_root, tmp_path / "stopped", *extra))
-    assert [r.start_step for r in resumed] == [20, 20] and resumed[0].steps == whole[0].steps == 22
+    assert [r.start_step for r in resumed] == [12, 12] and resumed[0].steps == whole[0].steps == 22
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_at_an_epochs_last_step_evaluates_that_epoch_before_it_ends(digits_root: Path,
+                                                                            tmp_path: Path) -> None:
+    # One process, one epoch of 22 steps: SIGTERM after step 20 makes step 22 the stop, the epoch's last step.
+    extra = ["distributed.strategy=none", "optim.accumulation_steps=2", "tracking.log_interval_steps=10"]
+    stopped = run_ranks(config(digits_root, tmp_path, *extra), world_size=1, sigterm=(0, 20))
+    assert stopped[0].startswith("stopped on SIGTERM at step 22, checkpoint committed")
+    manifest = open_checkpoints(str(tmp_path), keep_last=1).latest()
+    # The epoch's evaluation was not skipped: a resume starts after it and would never run it.
+    assert manifest is not None and manifest.step == 22 and 0 < manifest.meta["val_top1"] <= 1
+    resumed = run_ranks(config(digits_root, tmp_path, *extra), world_size=1)
+    assert (resumed[0].start_step, resumed[0].steps, resumed[0].val["val_top1"]) == (22, 22, manifest.meta["val_top1"])
 
 
 def test_ranks_that_do_not_finish_in_time_are_killed_and_reported(digits_root: Path, tmp_path: Path) -> None:
