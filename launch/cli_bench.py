@@ -34,16 +34,19 @@ def bench_step(args: argparse.Namespace) -> None:
          arg("--target", type=float, default=0.98, help="val top-1 to reach (default: 0.98)"),
          arg("--variant", action="append", default=None, metavar="NAME=OVERRIDE[,OVERRIDE...]",
              help="a variant to run (repeatable; the first is the reference; an empty list of overrides is the "
-                  "recipe as it is); default: the quickstart's, with and without progressive resizing"),
+                  "recipe as it is); default: the set --set names"),
+         arg("--set", dest="variant_set", choices=("resizing", "levers"), default="resizing",
+             help="the built-in variants of the quickstart: resizing (with and without progressive resizing, the "
+                  "default) or levers (AdamW, LAMB + BCE, stochastic depth, repeated augmentation, clipping)"),
          JSON_ARGUMENT)
 def bench_accuracy(args: argparse.Namespace) -> None:
-    from launch.bench.accuracy import QUICKSTART_VARIANTS, as_json, bench_accuracy, table
+    from launch.bench.accuracy import VARIANT_SETS, as_json, bench_accuracy, table
     from launch.bench.gpu_watch import machine_facts
     from trainer.dist import single_process_context
 
     if not 0 < args.target <= 1:
         raise ConfigError(f"--target={args.target} must be in (0, 1]")
-    variants = dict(QUICKSTART_VARIANTS)
+    variants = dict(VARIANT_SETS[args.variant_set])
     if args.variant:
         variants = {}
         for given in args.variant:

@@ -22,6 +22,20 @@ QUICKSTART_VARIANTS: dict[str, tuple[str, ...]] = {
                                            "data.progressive_end_epoch=3", "data.progressive_multiple=4"),
 }
 """The variants `bench accuracy` compares by default, as config overrides of the quickstart recipe."""
+LEVER_VARIANTS: dict[str, tuple[str, ...]] = {
+    "recipe as it is (SGD, cross-entropy)": (),
+    "AdamW (lr 2e-3, weight decay 0.05)": ("optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05"),
+    # "ResNet strikes back"'s optimiser and loss, at its rate and decay (its batch is 32x this one).
+    "LAMB + BCE (lr 8e-3, weight decay 0.02, threshold 0.2)": (
+        "optim.name=lamb", "optim.lr=0.008", "optim.weight_decay=0.02", "optim.loss=bce",
+        "optim.bce_target_threshold=0.2"),
+    "stochastic depth 0.05": ("model.drop_path_rate=0.05",),
+    "repeated augmentation x2": ("data.repeated_augmentation=2",),
+    "gradient clipping at norm 1": ("optim.clip_grad_norm=1.0",),
+}
+"""`bench accuracy --set levers`: the recipe levers one at a time on the quickstart (README's recipe levers)."""
+VARIANT_SETS = {"resizing": QUICKSTART_VARIANTS, "levers": LEVER_VARIANTS}
+"""The named sets of variants `--set` chooses from."""
 
 
 @dataclass(frozen=True, slots=True)

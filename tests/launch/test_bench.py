@@ -223,3 +223,13 @@ def test_a_failing_bench_gpu_row_is_recorded_and_the_others_still_run(tmp_path: 
     # The rows after it ran, and the saved report holds the failure.
     assert rows["DALI alone, full decode + slice"].images_per_s and rows["engine + DataLoader (1 worker)"].images_per_s
     assert "failed: RuntimeError" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_every_built_in_accuracy_variant_is_a_valid_quickstart_config() -> None:
+    from configs import load_config
+    from launch.bench.accuracy import VARIANT_SETS
+
+    for variants in VARIANT_SETS.values():
+        for name, overrides in variants.items():
+            assert load_config("quickstart", list(overrides)), name
+    assert load_config("quickstart", list(VARIANT_SETS["levers"]["stochastic depth 0.05"])).model.drop_path_rate == 0.05
