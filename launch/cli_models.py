@@ -19,25 +19,47 @@ TRACKING_URI_ARGUMENT = arg("--tracking-uri", default=None,
                                  "embedded store sqlite:///runs/mlflow.db)")
 
 
-@command("eval", "top-1/top-5 of a trained model on a data set's val split",
+CLASS_MAP_ARGUMENT = arg("--class-map", default=None, metavar="FILE",
+                         help="names for an evaluation set's folders: a JSON object or lines 'folder class-name' "
+                              "(needed where folders are numbered, as ImageNetV2's); folders it does not list keep "
+                              "their own names. Classes are always matched to the model's by name")
+
+
+@command("eval", "top-1/top-5 of a trained model on the val split of one or more data sets, classes matched by name",
          arg("source", help=SOURCE_HELP),
-         arg("--data", default=None, help="data set root (default: the one the model was trained on)"),
+         arg("--data", action="append", default=None, metavar="ROOT|URL",
+             help="a data set to score (repeatable: each is reported, and the gap to the first; default: the one "
+                  "the model was trained on)"),
+         CLASS_MAP_ARGUMENT,
          arg("--batch-size", type=int, default=None, help="images per batch (default: the run's)"),
          TRACKING_URI_ARGUMENT, JSON_ARGUMENT)
 def evaluate(args: argparse.Namespace) -> None:
     from launch.tracking.artifacts import evaluate_trained
+    from launch.tracking.class_match import read_class_map
     from trainer.dist import single_process_context
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+    class_map = read_class_map(args.class_map) if args.class_map else None
     trained = _load_trained(args.source, args.tracking_uri)
-    scores = evaluate_trained(trained, device=single_process_context().device, data_root=args.data,
-                              overrides={"batch_size": args.batch_size} if args.batch_size else None)
+    results = []
+    for root in args.data or [None]:
+        scored = evaluate_trained(trained, device=single_process_context().device, data_root=root,
+                                  overrides={"batch_size": args.batch_size} if args.batch_size else None,
+                                  class_map=class_map)
+        results.append({"data": root or trained.cfg.data.root, **scored.scores, "classes": scored.classes.how,
+                        "class_map_digest": scored.classes.digest})
     if args.json:
-        print(json.dumps({"source": trained.source, **scores}))
-    else:
-        print(f"{trained.source}\nval top-1  {100 * scores['val_top1']:.2f}% of {int(scores['val_images'])} "
-              f"images\nval top-5  {100 * scores['val_top5']:.2f}%\nval loss   {scores['val_loss']:.4f}")
+        for result in results:
+            print(json.dumps({"source": trained.source, **result}))
+        return
+    print(trained.source)
+    for result in results:
+        gap = ("" if result is results[0] else
+               f" ({100 * (result['val_top1'] - results[0]['val_top1']):+.2f} points from the first)")
+        print(f"{result['data']}: val top-1 {100 * result['val_top1']:.2f}%{gap}, top-5 "
+              f"{100 * result['val_top5']:.2f}%, loss {result['val_loss']:.4f}, {int(result['val_images'])} images; "
+              f"classes {result['classes']} (mapping {result['class_map_digest']})")
 
 
 @command("export", "write a trained model as a torchvision state dict and a torch.export or ONNX program",
@@ -122,6 +144,7 @@ def serve(args: argparse.Namespace) -> None:
          arg("--eval-data", default=None, metavar="ROOT|URL",
              help="score the candidate and the alias's holder here, on this indexed data set's val split, and "
                   "compare those scores (default: trust the versions' own tags)"),
+         CLASS_MAP_ARGUMENT,
          arg("--max-regression", type=float, default=0.0,
              help="how far below the holder's metric the candidate may be (default: 0)"),
          TRACKING_URI_ARGUMENT)
@@ -134,9 +157,13 @@ def promote(args: argparse.Namespace) -> None:
     limit_http_calls(timeout_s=10, max_retries=1)  # a dead server: an error in seconds
     if args.max_regression < 0:
         raise ConfigError(f"--max-regression={args.max_regression} must be >= 0")
+    from launch.tracking.class_match import read_class_map
+
+    if args.class_map is not None and args.eval_data is None:
+        raise ConfigError("--class-map names the folders of --eval-data: give both")
     decision = promote(uri, args.name, args.version, args.alias, metric=args.metric, minimum=args.minimum,
                        force=args.force, dry_run=args.dry_run, max_regression=args.max_regression,
-                       eval_data=args.eval_data,
+                       eval_data=args.eval_data, class_map=read_class_map(args.class_map) if args.class_map else None,
                        device=single_process_context().device if args.eval_data is not None else None)
     print(decision.describe(dry_run=args.dry_run))
     if not decision.accepted:

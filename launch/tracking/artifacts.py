@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from configs.errors import ConfigError, IncompatibleSettings
+from configs.errors import ConfigError
 from configs.extras import import_extra
 from configs.loader import config_from_dict, load_config
 from configs.schema import DataConfig, RunConfig
 from data_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_pipeline.prepare import CLASSES_FILE
+from launch.tracking.class_match import ClassMatch, RemappedLoader, match_classes
 from launch.tracking.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, ParityError, check_parity, export_onnx
 from trainer.checkpoint import STEP_FOLDER, open_checkpoints
 from trainer.engine import prepare_model
@@ -108,10 +109,21 @@ def _from_registry(uri: str, tracking_uri: str | None) -> Trained:
     return Trained(network.eval(), cfg, f"{uri} (version {version.version} of run {version.run_id})", meta)
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """An evaluation: the scores, and how the data set's classes were matched to the model's outputs."""
+
+    scores: dict[str, float]
+    """val_top1, val_top5, val_loss, val_images."""
+    classes: ClassMatch
+
+
 def evaluate_trained(trained: Trained, *, device: torch.device, data_root: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> dict[str, float]:
+                     overrides: dict[str, Any] | None = None, class_map: dict[str, str] | None = None) -> Scored:
     """Top-1/top-5 and loss of `trained` over the val split of its data set (or of the one at `data_root`),
-    in one process on `device` (the caller's context's: a Ray worker's own GPU, or a command's)."""
+    in one process on `device` (the caller's context's: a Ray worker's own GPU, or a command's). The data
+    set's classes are matched to the model's by name (`class_map` renames folders first; see
+    `class_match`)."""
     from data_pipeline import build_loaders
     from trainer.evaluate import evaluate
     from trainer.precision import resolve_precision
@@ -119,12 +131,13 @@ def evaluate_trained(trained: Trained, *, device: torch.device, data_root: str |
     data = _data_config(trained, data_root, overrides)
     precision = resolve_precision(trained.cfg.precision, device)
     loaders = build_loaders(data, seed=trained.cfg.seed, device=device, dtype=precision.input_dtype)
-    if len(loaders.classes) != trained.cfg.model.num_classes:
-        raise IncompatibleSettings(f"the data set at {data.root} has {len(loaders.classes)} classes, the model "
-                                   f"{trained.cfg.model.num_classes}")
+    match = match_classes(loaders.classes, trained.meta.get("classes"), outputs=trained.cfg.model.num_classes,
+                          data=data.root, class_map=class_map)
     channels_last = trained.cfg.precision.channels_last
     network = prepare_model(trained.network, device, channels_last=channels_last)
-    return evaluate(network, loaders.val, precision, channels_last=channels_last, flip_average=data.val_flip_average)
+    val = loaders.val if match.identity else RemappedLoader(loaders.val, match)
+    return Scored(evaluate(network, val, precision, channels_last=channels_last, flip_average=data.val_flip_average),
+                  match)
 
 
 def _data_config(trained: Trained, data_root: str | None, overrides: dict[str, Any] | None) -> DataConfig:

@@ -126,16 +126,20 @@ class Evaluation:
     """The data set's root (folder or URL)."""
     digest: str
     """`index_digest` of its val split: evaluations with the same digest scored the same images."""
+    class_map_digest: str
+    """`ClassMatch.digest`: which model output each of the set's classes was scored as."""
 
     def tags(self) -> dict[str, str]:
         """What the version records of it (`eval.*`)."""
         return {**{f"eval.{key}": f"{value:.6g}" for key, value in self.scores.items()}, "eval.data": self.data,
-                "eval.data_digest": self.digest}
+                "eval.data_digest": self.digest, "eval.class_map_digest": self.class_map_digest}
 
 
-def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device) -> Evaluation:
+def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device,
+                     class_map: dict[str, str] | None = None) -> Evaluation:
     """Score registered model `uri` (models:/NAME/VERSION) on the val split of the indexed folder or URL `data`
-    (or of the packed data set there), with its own evaluation preprocessing, in this process on `device`."""
+    (or of the packed data set there), with its own evaluation preprocessing, in this process on `device`;
+    classes matched by name (`class_map` renames folders first)."""
     from data_pipeline import packed_local_folder, prepare_dataset
     from data_pipeline.prepare import INDEX_FOLDER, index_digest, index_folder
     from data_pipeline.shards import is_packed
@@ -147,9 +151,10 @@ def evaluate_version(client: Any, uri: str, data: str, *, device: torch.device) 
     else:  # staged once (a URL) here; the evaluation then reads the local copy
         staged, index_dir = prepare_dataset(data_cfg)
         root, folder = str(staged), index_folder(staged, index_dir)
-    scores = evaluate_trained(trained, device=device, data_root=root,
-                              overrides={"dataset": "folder", "index_dir": index_dir})
-    return Evaluation(scores=scores, data=data, digest=index_digest(folder, "val"))
+    scored = evaluate_trained(trained, device=device, data_root=root,
+                              overrides={"dataset": "folder", "index_dir": index_dir}, class_map=class_map)
+    return Evaluation(scores=scored.scores, data=data, digest=index_digest(folder, "val"),
+                      class_map_digest=scored.classes.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +188,7 @@ class Decision:
 
 def decide(client: Any, name: str, version: str, alias: str, *, metric: str, minimum: float | None,
            force: bool, max_regression: float = 0.0, eval_data: str | None = None,
+           class_map: dict[str, str] | None = None,
            device: torch.device | None = None) -> Decision:
     """The gate: the candidate's `metric` must reach `minimum` and must not be below the current holder's by
     more than `max_regression`. With `eval_data` both versions are scored here, on that data, on `device`
@@ -212,7 +218,8 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
         if device is None:
             raise ValueError("decide: eval_data is scored on the caller's device; none was given")
         versions = dict.fromkeys(str(v.version) for v in (candidate, holder) if v is not None)  # once each
-        evaluations = {v: evaluate_version(client, f"models:/{name}/{v}", eval_data, device=device) for v in versions}
+        evaluations = {v: evaluate_version(client, f"models:/{name}/{v}", eval_data, device=device,
+                                           class_map=class_map) for v in versions}
 
     def value(model_version: Any) -> float | None:
         if evaluations is not None:
@@ -251,7 +258,8 @@ def decide(client: Any, name: str, version: str, alias: str, *, metric: str, min
 
 def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: str = "val_top1",
             minimum: float | None = None, force: bool = False, dry_run: bool = False, max_regression: float = 0.0,
-            eval_data: str | None = None, device: torch.device | None = None) -> Decision:
+            eval_data: str | None = None, device: torch.device | None = None,
+            class_map: dict[str, str] | None = None) -> Decision:
     """Move `alias` of registered model `name` to `version` if the gate allows (see `decide`), recording the
     previous holder and the reason as tags of both versions; with `eval_data`, also each version's scores
     there (`eval.*`) and the decision (`<alias>.decision`), accepted or not; they are scored on `device`."""
@@ -260,7 +268,7 @@ def promote(tracking_uri: str, name: str, version: str, alias: str, *, metric: s
     client = mlflow.MlflowClient(tracking_uri)
     try:
         decision = decide(client, name, version, alias, metric=metric, minimum=minimum, force=force,
-                          max_regression=max_regression, eval_data=eval_data, device=device)
+                          max_regression=max_regression, eval_data=eval_data, device=device, class_map=class_map)
     except mlflow_exceptions.MlflowException as error:  # an unreachable server, a store that is not MLflow's
         raise ConfigError(f"tracking URI {tracking_uri}: {error.message}") from error
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

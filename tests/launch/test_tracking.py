@@ -305,6 +305,7 @@ def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorde
 
     from data_pipeline.prepare import index_digest, index_folder
     from launch.tracking.artifacts import evaluate_trained, load_trained
+    from launch.tracking.class_match import ClassMatch
     from launch.tracking.registry import promote
 
     server, runs = recorded
@@ -319,11 +320,13 @@ def test_the_gate_can_score_candidate_and_holder_itself_on_held_out_data(recorde
         tags = client.get_model_version("resnet18-digits", version).tags
         assert tags["eval.val_images"] == "355" and tags["eval.data"] == str(digits_root)
         assert tags["eval.data_digest"] == index_digest(index_folder(digits_root, None), "val")
+        # The digits set's classes are the model's, in its order: the identity mapping, and its digest recorded.
+        assert tags["eval.class_map_digest"] == ClassMatch(tuple(range(10)), "").digest
         assert tags["gated.decision"].startswith("promoted" if gated.returncode == 0 else "refused")
         scores[version] = float(tags["eval.val_top1"])
     # The same score as evaluating the registered weights by hand (the tag is rounded to 6 digits).
     by_hand = evaluate_trained(load_trained("models:/resnet18-digits/2", tracking_uri=server.uri), device=CPU,
-                               data_root=str(digits_root))
+                               data_root=str(digits_root)).scores
     assert scores["2"] == pytest.approx(by_hand["val_top1"], abs=1e-6)
     # Accepted exactly when the candidate scored at least the holder's, and the output says so.
     assert (gated.returncode == 0) == (scores["2"] >= scores["1"]), gated.stdout + gated.stderr
