@@ -57,6 +57,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         require(self.tracking.register_weights != "ema" or self.optim.ema_decay > 0, "tracking.register_weights",
                  self.tracking.register_weights, "needs optim.ema_decay > 0 (no average of the weights is kept)")
+        require(self.tracking.register_weights != "average" or self.checkpoint.keep_last >= self.tracking.average_last,
+                 "checkpoint.keep_last", self.checkpoint.keep_last,
+                 f"must be >= tracking.average_last={self.tracking.average_last} to average that many checkpoints")
         launch = self.launch
         if launch.elastic:
             require(launch.launcher == "ray", "launch.num_workers", launch.num_workers,

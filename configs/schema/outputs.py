@@ -44,10 +44,18 @@ class TrackingConfig:
     register: bool = True
     """At the end of the run, register its model (register_weights) as a new version of `model_name` in the MLflow
     registry."""
-    register_weights: Literal["final", "best", "ema"] = "final"
+    register_weights: Literal["final", "best", "ema", "average"] = "final"
     """Which weights are registered: final: the last step's; best: the kept checkpoint with the highest val
-    top-1; ema: the last step's exponential moving average (needs optim.ema_decay > 0). The version's
-    val_* tags are the scores of those weights, its `registered_weights` tag says which."""
+    top-1; ema: the last step's exponential moving average (needs optim.ema_decay > 0); average: the mean of
+    the last `average_last` committed checkpoints' weights, BatchNorm statistics estimated again over
+    `average_bn_batches` training batches (timm's avg_checkpoints + SWA's update_bn). The version's val_*
+    tags are the scores of those weights, its `registered_weights` tag says which."""
+    average_last: int = 5
+    """register_weights=average: how many of the newest committed checkpoints to average (checkpoint.keep_last
+    must keep them)."""
+    average_bn_batches: int = 100
+    """register_weights=average: training batches (of data.batch_size) the BatchNorm statistics are estimated
+    over."""
     model_name: str | None = None
     """Registered model the versions go to; None: <model.name>-<data set>, the data set being digits/synthetic
     or the last part of data.root (resnet50-imagenet for /data/imagenet)."""
@@ -70,6 +78,8 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         require(self.log_interval_steps >= 1, "log_interval_steps", self.log_interval_steps, "must be >= 1")
+        require(self.average_last >= 2, "average_last", self.average_last, "must be >= 2")
+        require(self.average_bn_batches >= 1, "average_bn_batches", self.average_bn_batches, "must be >= 1")
         thresholds = list(self.top1_thresholds)
         require(thresholds == sorted(set(thresholds)) and all(0 < t <= 1 for t in thresholds), "top1_thresholds",
                  self.top1_thresholds, "must be increasing fractions in (0, 1]")

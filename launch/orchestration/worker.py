@@ -114,7 +114,7 @@ def _finish_tracking(cfg: RunConfig, tracker: MlflowSink, summary: RunSummary, *
     assert cfg.checkpoint.url is not None and tracker.run_id is not None
     try:
         model_uri = registry.register_model(cfg, tracking_uri=tracker.uri, run_id=tracker.run_id,
-                                            checkpoint_url=cfg.checkpoint.url)
+                                            checkpoint_url=cfg.checkpoint.url, device=device)
         summary = replace(summary, model_uri=model_uri)
         print(f"mlflow: registered {model_uri}", flush=True)
         if cfg.tracking.promote_alias is not None:

@@ -60,13 +60,21 @@ def model_name(cfg: RunConfig) -> str:
     return cfg.tracking.model_name or f"{cfg.model.name}-{dataset_name(cfg)}"
 
 
-def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint_url: str) -> str:
-    """Log the model of run `run_id` that tracking.register_weights chooses (final, best or EMA weights) and
-    register it as a new version of `model_name(cfg)`; return its URI (models:/NAME/VERSION). Weights already
-    registered for this run (by an attempt Ray restarted after it had registered) are not registered twice."""
+def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint_url: str,
+                   device: torch.device | None = None) -> str:
+    """Log the model of run `run_id` that tracking.register_weights chooses (final, best, EMA or averaged
+    weights; an average is computed on `device`, default the CPU) and register it as a new version of
+    `model_name(cfg)`; return its URI (models:/NAME/VERSION). Weights already registered for this run (by an
+    attempt Ray restarted after it had registered) are not registered twice."""
     mlflow = import_extra("mlflow")
     weights = cfg.tracking.register_weights
-    trained = load_trained(checkpoint_url, weights=weights)
+    if weights == "average":
+        from launch.tracking.averaging import averaged_trained
+
+        trained = averaged_trained(checkpoint_url, last=cfg.tracking.average_last,
+                                   bn_batches=cfg.tracking.average_bn_batches, device=device or torch.device("cpu"))
+    else:
+        trained = load_trained(checkpoint_url, weights=weights)
     meta = trained.meta
     name = model_name(cfg)
     client = mlflow.MlflowClient(tracking_uri)
@@ -86,6 +94,7 @@ def register_model(cfg: RunConfig, *, tracking_uri: str, run_id: str, checkpoint
         "output": "class_id, class_name, probability, top_k_ids, top_k_names, top_k_probabilities",
         "weights": f"weights/{step_folder(meta['step'])}" + ("" if weights == "final" else f"-{weights}"),
         "registered_weights": weights, "init_from": cfg.model.init_from,
+        "averaged_steps": ",".join(map(str, meta["averaged_steps"])) if "averaged_steps" in meta else None,
     }
     tags = {key: str(value) for key, value in tags.items() if value is not None}
     mlflow.set_tracking_uri(tracking_uri)

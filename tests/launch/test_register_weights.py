@@ -63,6 +63,24 @@ def test_the_final_best_or_ema_weights_are_registered_with_their_own_scores(digi
         for name, tensor in from_bytes(manager.read_verified(manifest, file)).items():
             assert torch.equal(state[name], tensor), (weights, name)
     assert len({version.version for version in registered.values()}) == 3
+    # The mean of the kept steps (the best and the final one), BatchNorm statistics estimated again.
+    from launch.tracking.averaging import averaged_trained
+
+    average = register_model(config("checkpoint.keep_last=2", "tracking.register_weights=average",
+                                    "tracking.average_last=2", "tracking.average_bn_batches=5"),
+                             tracking_uri=uri, run_id=run_id, checkpoint_url=str(checkpoints))
+    version = client.get_model_version("resnet18-digits", average.rsplit("/", 1)[1])
+    assert (version.tags["registered_weights"], version.tags["averaged_steps"]) == (
+        "average", f"{best.step},{final.step}")
+    folder = Path(client.download_artifacts(run_id, version.tags["weights"], str(tmp_path / "average")))
+    state = torch.load(folder / "model.pt", weights_only=True)
+    ends = [from_bytes(manager.read_verified(manifest, "model.pt")) for manifest in (best, final)]
+    torch.testing.assert_close(state["fc.weight"], (ends[0]["fc.weight"] + ends[1]["fc.weight"]) / 2)
+    stale = (ends[0]["bn1.running_mean"] + ends[1]["bn1.running_mean"]) / 2
+    assert not torch.allclose(state["bn1.running_mean"], stale)
+    # Its tags are its own scores, measured again the same way.
+    again_scored = averaged_trained(str(checkpoints), last=2, bn_batches=5, device=torch.device("cpu"))
+    assert float(version.tags["val_top1"]) == again_scored.meta["val_top1"]
     # Registering the same weights again (an attempt restarted after it registered) adds no version.
     again = register_model(config("tracking.register_weights=best"), tracking_uri=uri, run_id=run_id,
                            checkpoint_url=str(checkpoints))
@@ -70,3 +88,5 @@ def test_the_final_best_or_ema_weights_are_registered_with_their_own_scores(digi
 
     with pytest.raises(ConfigError, match=r"tracking.register_weights='ema' needs optim.ema_decay > 0"):
         load_config("quickstart", ["tracking.register_weights=ema"])
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_last=3 must be >= tracking.average_last=5"):
+        load_config("quickstart", ["tracking.register_weights=average"])

@@ -67,3 +67,26 @@ def test_the_average_is_evaluated_saved_and_resumed_exactly(digits_root: Path, t
         ema_run(digits_root, tmp_path / "control", CrashAt(20))
     ema_run(digits_root, tmp_path / "control")
     assert not torch.equal(final_ema(tmp_path / "control")["fc.weight"], expected["fc.weight"])
+
+
+def test_checkpoint_averaging_means_the_weights_and_reestimates_batchnorm_over_the_given_batches() -> None:
+    from configs.schema import PrecisionConfig
+    from launch.tracking.averaging import average_states, reestimate_batchnorm
+    from trainer.precision import resolve_precision
+
+    states = [{"w": torch.tensor([1.0, 2.0]), "bn.num_batches_tracked": torch.tensor(3)},
+              {"w": torch.tensor([3.0, 6.0]), "bn.num_batches_tracked": torch.tensor(9)}]
+    average = average_states(states)
+    assert torch.equal(average["w"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(average["bn.num_batches_tracked"], torch.tensor(9))  # the newest count, not a mean
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 4, 4, generator=generator) * (i + 1), torch.zeros(8)) for i in range(3)]
+    network.eval()
+    seen = reestimate_batchnorm(network, batches, resolve_precision(PrecisionConfig(dtype="fp32"), torch.device("cpu")),
+                                channels_last=False)
+    with torch.no_grad():
+        batch_means = torch.stack([network[0](images).mean(dim=(0, 2, 3)) for images, _ in batches])
+    # The plain mean of the batches' means (not an exponential average with momentum 0.1 from zero).
+    torch.testing.assert_close(network[1].running_mean, batch_means.mean(0))
+    assert seen == 24 and network[1].momentum == 0.1 and not network.training
