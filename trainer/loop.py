@@ -158,7 +158,7 @@ def train(learner: Learner, loaders: Loaders, cadence: Cadence, meter: IntervalM
     """Resume from the latest checkpoint if there is one, then per step: set the lr, step, and do what falls
     due (report, checkpoint, stop); per epoch: evaluate, report (with the thresholds `clock` saw reached for
     the first time), checkpoint, and end early at the target accuracy. Stops with `Preempted` after a
-    checkpoint one or two steps after SIGTERM came to any rank (`StopVote`: all ranks stop at the same step)."""
+    checkpoint two or three steps after SIGTERM came to any rank (`StopVote`: all ranks stop at the same step)."""
     resumed = checkpointer.resume()
     clock.restore(resumed.meta)
     start_step, val = resumed.step, resumed.val

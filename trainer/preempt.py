@@ -3,7 +3,7 @@
 A preemptible or spot node is taken back with SIGTERM and a grace period before SIGKILL
 (launch.preempt_grace_s). The signal sets this process's flag; after every step each rank starts an
 asynchronous max-reduction of its flag and reads the previous step's, so all ranks learn of a SIGTERM to any
-one of them at the same step, at most two steps after it came, and stop there together after a checkpoint.
+one of them at the same step, two or three steps after it came, and stop there together after a checkpoint.
 
 The handler must be installed by the process's main thread (Python runs signal handlers there only). A
 process whose main thread trains (one process, torchrun) gets it from `watch_for_preemption`; a Ray Train
@@ -13,6 +13,7 @@ thread (replacing Ray's own handler, which ends the process at once).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import signal
 import threading
@@ -23,6 +24,11 @@ from types import FrameType
 import torch
 
 from trainer.dist import is_distributed
+
+
+VOTE_LAG = 2
+"""Steps between a vote and its reading: a SIGTERM during step k stops every rank after step k + 2 (k + 3 if it
+came just after step k's vote)."""
 
 
 class Preempted(Exception):
@@ -88,30 +94,46 @@ def watch_for_preemption(grace_s: float) -> Iterator[PreemptionFlag]:
 
 
 class StopVote:
-    """After each step, whether any rank has had SIGTERM: one max-reduction of one value per step, started
-    asynchronously and read a step later, so it overlaps the next step instead of stalling it."""
+    """After each step, whether any rank has had SIGTERM: a max-reduction of one value per step, started
+    asynchronously and read VOTE_LAG steps later. On a GPU the result is copied to pinned host memory
+    behind an event, so reading it waits for that copy only, never for the steps queued since: the host
+    stays ahead of the device as without the vote. Every rank reads the same vote at the same step, so all
+    stop at the same step."""
 
     def __init__(self, flag: PreemptionFlag, device: torch.device) -> None:
         self.flag = flag
         self.device = device
-        self.pending: tuple[torch.Tensor, torch.distributed.Work | None] | None = None
+        self.pending: collections.deque[tuple[torch.Tensor, torch.distributed.Work | None,
+                                              torch.cuda.Event | None]] = collections.deque()
 
     def after_step(self) -> bool:
-        """Vote this rank's flag; True when the vote of an earlier step (every rank's) says stop."""
-        agreed = self._read()
-        vote = torch.tensor(float(self.flag.requested), device=self.device)
+        """Vote this rank's flag; True when the vote of VOTE_LAG steps ago (every rank's) says stop."""
+        vote = torch.full((), float(self.flag.requested), device=self.device)
         work = (torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, async_op=True)
                 if is_distributed() else None)
-        self.pending = (vote, work)
+        if vote.is_cuda:
+            if work is not None:
+                work.wait()  # on a GPU: makes the current stream wait for the reduction, not the host
+            host = torch.empty((), pin_memory=True)
+            host.copy_(vote, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host, None, event))
+        else:
+            self.pending.append((vote, work, None))
+        if len(self.pending) <= VOTE_LAG:
+            return False
+        agreed = self._read(self.pending.popleft())
         if agreed:
-            self._read()  # every rank has the same vote in flight: finish it before any other collective
+            while self.pending:  # finish the votes in flight before any other collective
+                self._read(self.pending.popleft())
         return agreed
 
-    def _read(self) -> bool:
-        if self.pending is None:
-            return False
-        vote, work = self.pending
-        self.pending = None
+    @staticmethod
+    def _read(entry: tuple[torch.Tensor, torch.distributed.Work | None, torch.cuda.Event | None]) -> bool:
+        value, work, event = entry
         if work is not None:
             work.wait()
-        return bool(vote.item())
+        if event is not None:
+            event.synchronize()
+        return bool(value.item())

@@ -44,7 +44,7 @@ class LaunchConfig:
     its latest checkpoint; one more ends the run with an error naming that checkpoint."""
     preempt_grace_s: float = 30.0
     """The time a preempted node gets between SIGTERM and SIGKILL (GCP's spot VMs: 30 s; AWS spot: 120 s;
-    Kubernetes: terminationGracePeriodSeconds). On SIGTERM every rank stops one or two steps later at the same
+    Kubernetes: terminationGracePeriodSeconds). On SIGTERM every rank stops two or three steps later at the same
     step and commits a checkpoint there; the message says how long that took, and warns when it took longer
     than this (keep one step plus one checkpoint write well under it)."""
     ray_address: str | None = None

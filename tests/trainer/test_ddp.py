@@ -110,27 +110,27 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(digits_root
     extra = ["distributed.strategy=ddp", "tracking.log_interval_steps=10"]
     whole = run_ranks(config(digits_root, tmp_path / "whole", *extra))
     # Rank 1 alone gets SIGTERM after step 10 (its report); it votes to stop after step 11, and both ranks
-    # read that vote after step 12, where they stop together, between reports.
+    # read that vote two steps later, after step 13, where they stop together, between reports.
     stopped = run_ranks(config(digits_root, tmp_path / "stopped", *extra), sigterm=(1, 10))
-    where = tmp_path / "stopped" / "step_000000012"
-    assert stopped[0] == f"stopped on SIGTERM at step 12; resume from {where}"
-    assert re.fullmatch(rf"stopped on SIGTERM at step 12, checkpoint committed \d+\.\d s after this process's "
+    where = tmp_path / "stopped" / "step_000000013"
+    assert stopped[0] == f"stopped on SIGTERM at step 13; resume from {where}"
+    assert re.fullmatch(rf"stopped on SIGTERM at step 13, checkpoint committed \d+\.\d s after this process's "
                         rf"SIGTERM \(within launch.preempt_grace_s=30\); resume from {re.escape(str(where))}",
                         stopped[1]), stopped[1]
     manager = open_checkpoints(str(tmp_path / "stopped"), keep_last=1)
     latest = manager.latest()
-    assert latest is not None and latest.step == 12 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
+    assert latest is not None and latest.step == 13 and {"rank_0.pt", "rank_1.pt"} <= set(latest.files)
     resumed = run_ranks(config(digits_root, tmp_path / "stopped", *extra))
-    assert [r.start_step for r in resumed] == [12, 12] and resumed[0].steps == whole[0].steps == 22
+    assert [r.start_step for r in resumed] == [13, 13] and resumed[0].steps == whole[0].steps == 22
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_stop_at_an_epochs_last_step_evaluates_that_epoch_before_it_ends(digits_root: Path,
                                                                             tmp_path: Path) -> None:
-    # One process, one epoch of 22 steps: SIGTERM after step 20 makes step 22 the stop, the epoch's last step.
-    extra = ["distributed.strategy=none", "optim.accumulation_steps=2", "tracking.log_interval_steps=10"]
-    stopped = run_ranks(config(digits_root, tmp_path, *extra), world_size=1, sigterm=(0, 20))
+    # One process, one epoch of 22 steps: SIGTERM after step 19 makes step 22 the stop, the epoch's last step.
+    extra = ["distributed.strategy=none", "optim.accumulation_steps=2", "tracking.log_interval_steps=1"]
+    stopped = run_ranks(config(digits_root, tmp_path, *extra), world_size=1, sigterm=(0, 19))
     assert stopped[0].startswith("stopped on SIGTERM at step 22, checkpoint committed")
     manifest = open_checkpoints(str(tmp_path), keep_last=1).latest()
     # The epoch's evaluation was not skipped: a resume starts after it and would never run it.
