@@ -95,8 +95,8 @@ def test_negative_control_with_other_augmentation_after_resume_the_weights_diffe
     with pytest.raises(Interrupt):
         trainer.run(config(digits_root, tmp_path), single_process_context(), [CrashAt(30)])
     original = data_pipeline.sharding.sample_seed
-    monkeypatch.setattr(data_pipeline.sharding, "sample_seed", lambda seed, epoch, index: original(seed + 1, epoch,
-                                                                                                   index))
+    monkeypatch.setattr(data_pipeline.sharding, "sample_seed",
+                        lambda seed, epoch, index, *copy: original(seed + 1, epoch, index, *copy))
     trainer.run(config(digits_root, tmp_path), single_process_context(), [])
     assert not torch.equal(final_state(tmp_path)[1]["fc.weight"], uninterrupted[1]["fc.weight"])
 
