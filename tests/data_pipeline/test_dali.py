@@ -5,6 +5,7 @@ the file."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 from pathlib import Path
 
@@ -127,6 +128,32 @@ def test_reader_threads_change_where_files_are_read_not_what_is_delivered(digits
         assert len(delivered) == len(expected) == 45 - start
         for (images, labels), (reference, reference_labels) in zip(delivered, expected, strict=True):
             assert torch.equal(labels, reference_labels) and torch.equal(images, reference)
+
+
+@pytest.mark.parametrize("dynamic_executor", [True, False])
+def test_batches_held_by_the_trainer_are_never_overwritten(digits_root: Path, dynamic_executor: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loader hands DALI's own output buffers to torch (no copy). Consumed one at a time and cloned, each
+    # batch is what it was when delivered; held all at once, they must still be the same.
+    loader = build_loaders(config(digits_root), seed=0).train
+    consumed = [(images.clone(), images.data_ptr()) for images, _ in loader.iter_epoch(0)]
+    if not dynamic_executor:
+        # The negative control: DALI's static executor reuses its output buffers, so the held batches change.
+        from nvidia.dali.pipeline import Pipeline
+
+        build = Pipeline.__init__
+
+        def static_executor(self: Pipeline, *args: object, **kwargs: object) -> None:
+            build(self, *args, **{**kwargs, "exec_dynamic": False})
+
+        static_executor.__signature__ = inspect.signature(build)  # type: ignore[attr-defined]  # pipeline_def reads it
+        monkeypatch.setattr(Pipeline, "__init__", static_executor)
+        loader = build_loaders(config(digits_root), seed=0).train
+    held = [images for images, _ in loader.iter_epoch(0)]
+    same = [torch.equal(images, reference) for images, (reference, _) in zip(held, consumed, strict=True)]
+    assert all(same) == dynamic_executor, same
+    # Without a copy: the first batch delivered lies in the pipeline's buffer, which later batches don't share.
+    assert len({images.data_ptr() for images in held}) == (len(held) if dynamic_executor else 2)
 
 
 def first_batches(cfg: DataConfig, *, seed: int = 0, start_batch: int = 0, count: int = 3) -> torch.Tensor:
